@@ -1,0 +1,5 @@
+import sys
+
+from stroke_tss.cli import main
+
+sys.exit(main())

@@ -1,0 +1,68 @@
+"""`stroke-tss VERB ...`: a thin dispatcher over `stroke_tss.commands.<verb>` modules.
+
+Each verb module defines `add_arguments(parser)` and `main(args) -> int`; its docstring's first line is the
+help. Verb modules are imported only when their verb runs, so `stroke-tss env` does not pay for torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from stroke_tss.errors import UserError
+
+# name -> one-line help; the module is stroke_tss.commands.<name with - as _>
+VERBS: dict[str, str] = {
+    "env": "Print versions and what this machine can run (CUDA, DeepSpeed, Slurm).",
+    "scan": "Build a cohort manifest from a BIDS or ISLES'22-style tree.",
+    "synth": "Generate a phantom cohort with known ground truth on the MNI152 anatomy.",
+    "prep": "Validate a manifest and preprocess it into a chunked Zarr store (Dask).",
+    "pretrain": "Models Genesis self-supervised pretraining, once per run, into RUN/genesis/.",
+    "train": "Run one fold's phase schedule for each (or one) variant.",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit 2, like every other user mistake
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="stroke-tss", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    sub.required = True
+    for name, help_text in VERBS.items():
+        sub.add_parser(name, help=help_text, description=help_text)
+    return parser
+
+
+def _module(verb: str):
+    return importlib.import_module(f"stroke_tss.commands.{verb.replace('-', '_')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    # First pass finds the verb (unknown verb: exit 2 here); second pass gives the verb its own arguments.
+    verb = parser.parse_known_args(argv[:1] or argv)[0].verb
+    module = _module(verb)
+    verb_parser = _Parser(prog=f"stroke-tss {verb}", description=VERBS[verb])
+    module.add_arguments(verb_parser)
+    args = verb_parser.parse_args(argv[1:])
+
+    from stroke_tss.logs import setup_logging
+
+    setup_logging()
+    try:
+        return int(module.main(args) or 0)
+    except UserError as exc:
+        print(f"stroke-tss {verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"stroke-tss {verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

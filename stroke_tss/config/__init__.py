@@ -1,0 +1,18 @@
+"""Typed, validated configuration: `load_config(path, overrides)` -> `Config`."""
+
+from stroke_tss.config.loader import dump_config, load_config, merge, parse_override, set_dotted, validate
+from stroke_tss.config.schema import Config, CVConfig, DataConfig, RunConfig, Section
+
+__all__ = [
+    "CVConfig",
+    "Config",
+    "DataConfig",
+    "RunConfig",
+    "Section",
+    "dump_config",
+    "load_config",
+    "merge",
+    "parse_override",
+    "set_dotted",
+    "validate",
+]

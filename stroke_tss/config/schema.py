@@ -1,0 +1,49 @@
+"""The root config: one typed section per concern, composed here; sections live with their owners."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class DataConfig(Section):
+    store: Path
+    """Path of the preprocessed Zarr store (`stroke-tss prep` writes it)."""
+    channels: list[str] = Field(default_factory=lambda: ["dwi", "b0", "flair"])
+    """Input channels, in order, taken from the store."""
+    manifest: Path | None = None
+    """Cohort manifest the store was built from (reader columns for the report, predict)."""
+
+
+class RunConfig(Section):
+    dir: Path
+    """Run folder: config, splits, checkpoints, metrics and predictions land here."""
+    name: str | None = None
+    """Human name of the run (defaults to the folder name)."""
+
+
+class CVConfig(Section):
+    kind: Literal["kfold", "holdout", "loso"] = "kfold"
+    """Split kind: stratified k-fold, the paper's fixed 64/16/20 hold-out, or leave-one-site-out."""
+    folds: int = Field(5, ge=1)
+    """Number of folds (k-fold); ignored by holdout (1 fold) and loso (one fold per site)."""
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    """Share of each fold's training subjects held out for validation (early stopping, thresholds)."""
+    stratify: str = "tss_lt_4h5"
+    """Task whose subject-level label the splits are stratified on."""
+
+
+class Config(Section):
+    seed: int = 0
+    """Seed of splits, initialisation, sampling and augmentation."""
+    data: DataConfig
+    run: RunConfig
+    cv: CVConfig = Field(default_factory=CVConfig)

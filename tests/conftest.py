@@ -1,0 +1,6 @@
+"""Shared fixtures live in small plugin modules, one per concern, so each owner edits only its own."""
+
+pytest_plugins = [
+    "tests.fixtures.slurm",
+    "tests.fixtures.data",
+]

@@ -1,0 +1,113 @@
+"""hpc.env on environments recorded from torchrun, sbatch/srun and srun+torchrun, and malformed ones."""
+
+import pytest
+
+from hpc.env import DistEnv, expand_nodelist, port_for_job
+
+# Recorded from `srun -N2 --ntasks-per-node=4` (rank 5 = node 1, local 1).
+SLURM_2x4 = {
+    "SLURM_JOB_ID": "48213", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8",
+    "SLURM_NODEID": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "dgx[03-04]",
+}
+# Recorded from torchrun --nproc-per-node 2 on one host.
+TORCHRUN_2 = {
+    "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0",
+    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511",
+}
+
+
+def test_single_process_defaults():
+    env = DistEnv.from_environ({})
+    assert (env.rank, env.world_size, env.launcher, env.distributed) == (0, 1, "single", False)
+
+
+def test_torchrun_environment():
+    env = DistEnv.from_environ(TORCHRUN_2)
+    assert (env.rank, env.local_rank, env.world_size, env.launcher) == (1, 1, 2, "torchrun")
+    assert (env.master_addr, env.master_port) == ("127.0.0.1", 29511)
+
+
+def test_slurm_environment_derives_master_from_nodelist_and_port_from_job():
+    env = DistEnv.from_environ(SLURM_2x4)
+    assert (env.rank, env.local_rank, env.world_size, env.node_rank, env.num_nodes) == (5, 1, 8, 1, 2)
+    assert env.launcher == "slurm"
+    assert env.nodes == ("dgx03", "dgx04") and env.master_addr == "dgx03"
+    assert env.master_port == port_for_job("48213")
+    assert 20000 <= env.master_port < 40000
+
+
+def test_torchrun_under_srun_wins_over_slurm_procid():
+    # srun starts one torchrun per node (SLURM_PROCID = node index); torchrun's RANK is the real rank.
+    recorded = {
+        "SLURM_JOB_ID": "77", "SLURM_PROCID": "1", "SLURM_LOCALID": "0", "SLURM_NTASKS": "2",
+        "SLURM_NODEID": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "gpu-a[7-8]",
+        "RANK": "6", "LOCAL_RANK": "2", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "1",
+        "MASTER_ADDR": "gpu-a7", "MASTER_PORT": "29400",
+    }
+    env = DistEnv.from_environ(recorded)
+    assert (env.rank, env.local_rank, env.world_size, env.node_rank) == (6, 2, 8, 1)
+    assert env.launcher == "srun+torchrun" and env.job_id == "77" and env.num_nodes == 2
+
+
+def test_array_job_id_is_recorded():
+    env = DistEnv.from_environ({**SLURM_2x4, "SLURM_ARRAY_JOB_ID": "900", "SLURM_ARRAY_TASK_ID": "3"})
+    assert env.job_id == "900_3"
+
+
+@pytest.mark.parametrize(
+    ("nodelist", "hosts"),
+    [
+        ("localhost", ["localhost"]),
+        ("dgx[01-04,07],gpu-a7", ["dgx01", "dgx02", "dgx03", "dgx04", "dgx07", "gpu-a7"]),
+        ("n[8-11]", ["n8", "n9", "n10", "n11"]),
+        ("rack[1-2]-n[1-2]", ["rack1-n1", "rack1-n2", "rack2-n1", "rack2-n2"]),
+        ("a,b[009-010]", ["a", "b009", "b010"]),
+    ],
+)
+def test_expand_nodelist(nodelist, hosts):
+    assert expand_nodelist(nodelist) == hosts
+
+
+@pytest.mark.parametrize(
+    ("patch", "names"),
+    [
+        ({"SLURM_PROCID": "8"}, "SLURM_PROCID"),
+        ({"SLURM_NTASKS": "zero"}, "SLURM_NTASKS"),
+        ({"SLURM_JOB_NUM_NODES": "3"}, "SLURM_JOB_NUM_NODES"),
+        ({"SLURM_NODEID": "2"}, "SLURM_NODEID"),
+        ({"SLURM_JOB_NODELIST": "dgx[03-04"}, "SLURM_JOB_NODELIST"),
+        ({"SLURM_JOB_NODELIST": "dgx[04-03]", "SLURM_JOB_NUM_NODES": "1"}, "SLURM_JOB_NODELIST"),
+    ],
+)
+def test_inconsistent_slurm_variables_raise_naming_them(patch, names):
+    with pytest.raises(ValueError, match=names):
+        DistEnv.from_environ({**SLURM_2x4, **patch})
+
+
+def test_inconsistent_torchrun_variables_raise():
+    with pytest.raises(ValueError, match="RANK=2 is outside"):
+        DistEnv.from_environ({**TORCHRUN_2, "RANK": "2"})
+
+
+@pytest.mark.integration
+def test_init_distributed_two_gloo_ranks(tmp_path):
+    """Two real processes join through init_distributed and all_reduce."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "ar.py"
+    script.write_text(
+        "import torch, torch.distributed as dist\n"
+        "from hpc.env import init_distributed, destroy_distributed\n"
+        "env = init_distributed(timeout_s=60)\n"
+        "t = torch.tensor([float(env.rank + 1)])\n"
+        "dist.all_reduce(t)\n"
+        f"open(r'{tmp_path}/rank%d.txt' % env.rank, 'w').write(f'{{dist.get_backend()}} {{t.item()}}')\n"
+        "destroy_distributed()\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+         str(script)], capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["gloo 3.0", "gloo 3.0"]
