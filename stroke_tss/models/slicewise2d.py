@@ -1,0 +1,109 @@
+"""Self-weighted slice-wise attention (the paper's 2D model) on a ResNet-18 backbone (MONAI, no torchvision).
+
+Input: one hemisphere, (batch, channels, slices, H, W), any H, W >= 32 (224x112 gives 512x7x4 at stage 4).
+Every slice goes through the backbone at once (slices folded into the batch, shared weights). A grid
+attention gate on one stage, gated by the stage-4 output, and the stage-4 output itself are average-pooled
+and concatenated into one logit per slice. Learnable per-slice weights in [0, 1] sum the slice logits.
+
+Gate placement: the paper quotes a 256x28x14 attention map for a 224x112 input, which no standard ResNet-18
+stage has (stage 2 = 128x28x14, stage 3 = 256x14x7). `gate_stage=3` (default) keeps the 256 channels, gated
+by stage 4; `gate_stage=2` keeps the 28x14 grid with 128 channels. Slice weights are sigmoid-parametrised
+(always inside [0, 1], gradient everywhere) and start at 1/num_slices, so the sum starts as a mean.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from monai.networks.nets.resnet import ResNet
+from torch import nn
+
+from stroke_tss.models.attention import GridAttentionGate
+from stroke_tss.models.norm import check_norm, replace_norm
+
+
+def resnet18_backbone(*, in_channels: int, base_channels: int, norm: str) -> ResNet:
+    """ResNet-18 (7x7/2 stem, max-pool, 4 basic stages) with torchvision's parameter names, no fc."""
+    backbone = ResNet("basic", [2, 2, 2, 2], [base_channels * m for m in (1, 2, 4, 8)], spatial_dims=2,
+                      n_input_channels=in_channels, conv1_t_size=7, conv1_t_stride=2, feed_forward=False,
+                      bias_downsample=False)
+    return replace_norm(backbone, norm, spatial_dims=2)
+
+
+def neighbour_stack(x: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, C, S, H, W) -> (B, S, (2k+1) C, H, W): each slice with k neighbours each side (edges repeat).
+
+    Channel blocks run from slice s-k to s+k, so the slice itself is the middle block.
+    """
+    if k == 0:
+        return x.transpose(1, 2)
+    num_slices = x.shape[2]
+    offsets = torch.arange(-k, k + 1, device=x.device)
+    index = (torch.arange(num_slices, device=x.device)[:, None] + offsets).clamp_(0, num_slices - 1)
+    stacked = x[:, :, index]  # (B, C, S, 2k+1, H, W)
+    return stacked.permute(0, 2, 3, 1, 4, 5).flatten(2, 3)
+
+
+class SliceWise2D(nn.Module):
+    model_name = "slicewise2d"
+
+    def __init__(self, *, num_slices: int, in_channels: int = 3, base_channels: int = 64, norm: str = "batch",
+                 gate_stage: int = 3, adjacent_slices: int = 0, dropout: float = 0.0):
+        super().__init__()
+        check_norm(norm)
+        if gate_stage not in (2, 3):
+            raise ValueError(f"gate_stage must be 2 or 3 (gated by stage 4), got {gate_stage}")
+        if num_slices < 1 or adjacent_slices < 0:
+            raise ValueError(f"need num_slices >= 1 and adjacent_slices >= 0, got {num_slices}, {adjacent_slices}")
+        self.init_args = {"num_slices": num_slices, "in_channels": in_channels, "base_channels": base_channels,
+                          "norm": norm, "gate_stage": gate_stage, "adjacent_slices": adjacent_slices,
+                          "dropout": dropout}
+        b = base_channels
+        self.backbone = resnet18_backbone(in_channels=in_channels * (2 * adjacent_slices + 1),
+                                          base_channels=b, norm=norm)
+        gated = b * 2 ** (gate_stage - 1)
+        self.gate = GridAttentionGate(gated, 8 * b, spatial_dims=2, norm=norm)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(gated + 8 * b, 1)
+        self.slice_weights = nn.Parameter(torch.full((num_slices,), -math.log(max(num_slices - 1, 1e-6))))
+
+    @property
+    def slice_weight_values(self) -> torch.Tensor:
+        """The per-slice weights, each in [0, 1]."""
+        return torch.sigmoid(self.slice_weights)
+
+    def stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        bb = self.backbone
+        x = bb.maxpool(bb.act(bb.bn1(bb.conv1(x))))
+        out = []
+        for layer in (bb.layer1, bb.layer2, bb.layer3, bb.layer4):
+            x = layer(x)
+            out.append(x)
+        return out
+
+    def forward_with_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits (batch,) plus {"attention": (B, S, h, w) gate map, "slice_logits": (B, S)}."""
+        batch, _, num_slices, height, width = x.shape
+        if num_slices != self.slice_weights.numel():
+            raise ValueError(f"input has {num_slices} slices but the model was built with "
+                             f"num_slices={self.slice_weights.numel()}; rebuild with the store's slice count")
+        if min(height, width) < 32:
+            raise ValueError(f"slices must be at least 32x32 for ResNet-18's strides, got {height}x{width}")
+        slices = neighbour_stack(x, self.init_args["adjacent_slices"]).flatten(0, 1)
+        features = self.stages(slices)
+        gated, attention = self.gate(features[self.init_args["gate_stage"] - 1], features[3])
+        pooled = torch.cat([self.pool(gated).flatten(1), self.pool(features[3]).flatten(1)], 1)
+        slice_logits = self.classifier(self.dropout(pooled)).view(batch, num_slices)
+        logits = (slice_logits * self.slice_weight_values).sum(1)
+        maps = {"attention": attention.view(batch, num_slices, *attention.shape[2:]), "slice_logits": slice_logits}
+        return logits, maps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_maps(x)[0]
+
+    def group_prefixes(self) -> dict[str, tuple[str, ...]]:
+        stages = {f"block{i}": (f"backbone.layer{i}",) for i in range(1, 5)}
+        return {"stem": ("backbone.conv1", "backbone.bn1"), **stages, "attention": ("gate",),
+                "slice_weights": ("slice_weights",), "head": ("classifier",)}
