@@ -20,6 +20,7 @@ VERBS: dict[str, str] = {
     "prep": "Validate a manifest and preprocess it into a chunked Zarr store (Dask).",
     "pretrain": "Models Genesis self-supervised pretraining, once per run, into RUN/genesis/.",
     "train": "Run one fold's phase schedule for each (or one) variant.",
+    "report": "Table-2 report, ROC/learning/calibration plots, DeLong, readers and baselines from run folders.",
 }
 
 

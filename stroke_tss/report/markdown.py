@@ -1,0 +1,122 @@
+"""`write_report`: run folders -> OUT/report.md, OUT/report.csv and the PNGs it links."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from stroke_tss.report import clinical, plots
+from stroke_tss.report.collect import collect_logs, collect_predictions, store_path
+from stroke_tss.report.tables import (
+    LEVELS,
+    delong_table,
+    pooled_test,
+    sensitivity_at_specificity_table,
+    table2,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _ci(row, key: str) -> str:
+    value, lo, hi = row.get(key), row.get(f"{key}_lo"), row.get(f"{key}_hi")
+    if value is None or pd.isna(value):
+        return "–"
+    return f"{value:.3f} ({lo:.3f}–{hi:.3f})" if lo is not None and not pd.isna(lo) else f"{value:.3f}"
+
+
+def md_table(df: pd.DataFrame, columns: dict[str, object]) -> str:
+    """A markdown table; `columns` maps a header to a column name or to a function of the row."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for _, row in df.iterrows():
+        cells = []
+        for spec in columns.values():
+            value = spec(row) if callable(spec) else row[spec]
+            cells.append(f"{value:.4g}" if isinstance(value, float) else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _table2_md(t: pd.DataFrame) -> str:
+    multi = t["run"].nunique() > 1
+    cols = {"model": lambda r: f"{r['run']}/{r['variant']}" if multi else r["variant"],
+            "phase": "phase", "task": "task", "n (pos)": lambda r: f"{r['n']} ({r['n_positive']})",
+            "folds": "num_folds"}
+    cols.update({k: (lambda r, k=k: _ci(r, k)) for k in ("sensitivity", "specificity", "accuracy", "auc")})
+    cols["Brier"] = lambda r: _ci(r, "brier")
+    return md_table(t, cols)
+
+
+def write_report(runs: list[str | Path], *, out_dir: str | Path | None = None, store: str | Path | None = None,
+                 specificity: float = 0.9, num_resamples: int = 2000, seed: int = 0) -> Path:
+    """Write report.md, report.csv and PNGs into `out_dir` (default: the first run); returns report.md."""
+    runs = [Path(r) for r in runs]
+    out = Path(out_dir) if out_dir is not None else runs[0]
+    out.mkdir(parents=True, exist_ok=True)
+    pred = collect_predictions(runs)
+    tables = [table2(pred, level=level, num_resamples=num_resamples, seed=seed) for level in LEVELS]
+    both = pd.concat(tables, ignore_index=True)
+    both.to_csv(out / "report.csv", index=False)
+
+    md = [f"# Report: {', '.join(r.name for r in runs)}", "",
+          "Pooled out-of-fold test predictions; thresholds by Youden's J on each fold's validation split; "
+          f"95% CIs from {num_resamples} subject bootstrap resamples.", ""]
+    for level, t in zip(LEVELS, tables):
+        md += [f"## Table 2 — {level} level", "", _table2_md(t) if not t.empty else "(no test predictions)", ""]
+
+    test = pooled_test(pred)
+    md += ["## ROC and calibration", ""]
+    for task in sorted(test["task"].unique()):
+        roc = plots.roc_plot(test, out / f"roc_{task}.png", task=task)
+        rel = plots.reliability_plot(test, out / f"reliability_{task}.png", task=task)
+        md += [f"![ROC {task}]({roc.name}) ![calibration {task}]({rel.name})", ""]
+    logs = collect_logs(runs)
+    if not logs.empty:
+        md += ["## Learning curves", ""]
+        for phase in sorted(logs["phase"].unique()):
+            png = plots.learning_curves(logs, out / f"learning_{phase}.png", phase=phase)
+            if png is not None:
+                md += [f"![learning curves {phase}]({png.name})", ""]
+
+    dl = delong_table(pred, level="hemisphere")
+    md += ["## Model comparison (DeLong, hemisphere level)", ""]
+    md += [md_table(dl, {"phase": "phase", "task": "task", "A": "model_a", "B": "model_b", "n": "n",
+                         "AUC A": "auc_1", "AUC B": "auc_2", "p": "p_value"}) if not dl.empty
+           else "(fewer than two models share test samples)", ""]
+    sas = sensitivity_at_specificity_table(pred, specificity=specificity)
+    md += [f"## Sensitivity at specificity >= {specificity:g} (hemisphere level)", "",
+           md_table(sas, {"model": "variant", "phase": "phase", "task": "task", "sensitivity": "sensitivity",
+                          "threshold": "threshold"}), ""]
+    md += _clinical_sections(runs, store, specificity=specificity, num_resamples=num_resamples, seed=seed)
+    path = out / "report.md"
+    path.write_text("\n".join(md) + "\n")
+    return path
+
+
+def _clinical_sections(runs, store, *, specificity, num_resamples, seed) -> list[str]:
+    from data_prep.store import StoreError, open_store
+
+    path = Path(store) if store is not None else store_path(runs)
+    if path is None:
+        return ["## Readers and baselines", "", "(no store given or named in config.yaml: skipped)", ""]
+    try:
+        st = open_store(path)
+    except StoreError as exc:
+        log.warning("readers and baselines skipped: %s", exc)
+        return ["## Readers and baselines", "", f"(skipped: {exc})", ""]
+    md = []
+    perf, kappa = clinical.reader_section(st.table, num_resamples=num_resamples, seed=seed)
+    if not perf.empty:
+        cols = {"reader": "reader", "n (pos)": lambda r: f"{r['n']} ({r['n_positive']})"}
+        cols.update({k: (lambda r, k=k: _ci(r, k)) for k in ("sensitivity", "specificity", "accuracy")})
+        md += ["## Readers' DWI-FLAIR mismatch vs TSS < 4.5 h", "", md_table(perf, cols), "",
+               f"Fleiss' kappa between readers: {kappa:.3f}" if kappa is not None else "", ""]
+    base = clinical.baseline_table(st, specificity=specificity, num_resamples=num_resamples, seed=seed)
+    if not base.empty:
+        md += ["## Baselines (logistic regression, subject level, out-of-fold)", "",
+               md_table(base, {"task": "task", "baseline": "baseline", "n (pos)":
+                               lambda r: f"{r['n']} ({r['n_positive']})", "AUC": lambda r: _ci(r, "auc"),
+                               f"sens @ spec {specificity:g}": "sensitivity_at_spec"}), ""]
+    return md

@@ -1,0 +1,125 @@
+"""The report on synthesised run folders: its numbers equal scikit-learn's on the predictions files."""
+
+import json
+
+import matplotlib.image as mpimg
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import accuracy_score, recall_score, roc_auc_score, roc_curve
+
+from stroke_tss.cli import main as cli_main
+from stroke_tss.errors import UserError
+from stroke_tss.report import collect_predictions, delong_table, table2, write_report
+
+VARIANTS = {"attn_pretrained": 1.5, "random_init": 0.5}  # signal strength: the first should win
+PHASES = {"detect": "lesion_present", "tss4h5": "tss_lt_4h5"}
+NUM_FOLDS, PER_FOLD = 3, 24
+
+
+def _write_run(run, seed=0):
+    """RUN/<variant>/fold-<k>/<phase>/{predictions.csv,log.jsonl}, shared subjects and splits per fold."""
+    rng = np.random.default_rng(seed)
+    subjects = [f"sub-{i:03d}" for i in range(NUM_FOLDS * PER_FOLD)]
+    truth = {(s, h, t): int(rng.random() < 0.5) for s in subjects for h in ("left", "right") for t in PHASES.values()}
+    for variant, strength in VARIANTS.items():
+        for k in range(NUM_FOLDS):
+            test = subjects[k * PER_FOLD:(k + 1) * PER_FOLD]
+            rest = [s for s in subjects if s not in test]
+            val = rest[:PER_FOLD]
+            for phase, task in PHASES.items():
+                rows = []
+                for split, ids in (("val", val), ("test", test)):
+                    for s in ids:
+                        for h in ("left", "right"):
+                            y = truth[(s, h, task)]
+                            z = strength * (2 * y - 1) + rng.normal()
+                            rows.append({"subject_id": s, "hemisphere": h, "task": task, "label": y,
+                                         "probability": 1 / (1 + np.exp(-z)), "split": split})
+                d = run / variant / f"fold-{k}" / phase
+                d.mkdir(parents=True)
+                pd.DataFrame(rows).to_csv(d / "predictions.csv", index=False)
+                with open(d / "log.jsonl", "w") as f:
+                    for epoch in range(4):
+                        f.write(json.dumps({"epoch": epoch, "train_loss": 1 / (epoch + 1),
+                                            "val_auc": 0.5 + 0.1 * epoch}) + "\n")
+    return run
+
+
+@pytest.fixture
+def run(tmp_path):
+    return _write_run(tmp_path / "run-a")
+
+
+def _sklearn_row(test_and_val: pd.DataFrame):
+    """Pooled test metrics at each fold's Youden threshold, recomputed with scikit-learn only."""
+    ys, ds, ps = [], [], []
+    for _, f in test_and_val.groupby("fold"):
+        val, test = f[f["split"] == "val"], f[f["split"] == "test"]
+        fpr, tpr, thr = roc_curve(val["label"], val["probability"], drop_intermediate=False)
+        t = thr[np.argmax(tpr - fpr)]
+        ys.append(test["label"].to_numpy())
+        ps.append(test["probability"].to_numpy())
+        ds.append((test["probability"].to_numpy() >= t).astype(int))
+    y, p, d = map(np.concatenate, (ys, ps, ds))
+    return {"auc": roc_auc_score(y, p), "sensitivity": recall_score(y, d),
+            "specificity": recall_score(1 - y, 1 - d), "accuracy": accuracy_score(y, d), "n": y.size}
+
+
+def test_table2_equals_sklearn_at_hemisphere_and_subject_level(run):
+    pred = collect_predictions([run])
+    assert set(pred["fold"]) == {0, 1, 2} and set(pred["phase"]) == set(PHASES)
+    for level in ("hemisphere", "subject"):
+        table = table2(pred, level=level, num_resamples=200).set_index(["variant", "phase"])
+        assert len(table) == len(VARIANTS) * len(PHASES)
+        for (variant, phase), row in table.iterrows():
+            g = pred[(pred["variant"] == variant) & (pred["phase"] == phase)]
+            if level == "subject":
+                how = "max" if PHASES[phase] == "lesion_present" else "mean"
+                g = g.groupby(["subject_id", "split", "fold"], as_index=False).agg(
+                    label=("label", "max"), probability=("probability", how))
+            expected = _sklearn_row(g)
+            assert row["n"] == expected["n"]
+            for key in ("auc", "sensitivity", "specificity", "accuracy"):
+                assert row[key] == pytest.approx(expected[key], abs=1e-12), (level, variant, phase, key)
+                assert row[f"{key}_lo"] <= row[key] <= row[f"{key}_hi"]
+        assert table.loc[("attn_pretrained", "tss4h5"), "auc"] > table.loc[("random_init", "tss4h5"), "auc"]
+
+
+def test_delong_table_finds_the_stronger_variant(run):
+    dl = delong_table(collect_predictions([run]))
+    row = dl[dl["phase"] == "tss4h5"].iloc[0]
+    assert row["n"] == NUM_FOLDS * PER_FOLD * 2 and row["p_value"] < 0.05
+
+
+def test_write_report_markdown_csv_and_pngs_load(run, tmp_path):
+    md = write_report([run], out_dir=tmp_path / "out", num_resamples=200)
+    text = md.read_text()
+    csv = pd.read_csv(md.parent / "report.csv")
+    assert set(csv["level"]) == {"hemisphere", "subject"} and len(csv) == 8
+    auc = csv[(csv["level"] == "hemisphere") & (csv["variant"] == "attn_pretrained") & (csv["phase"] == "tss4h5")]
+    assert f"{auc['auc'].iloc[0]:.3f}" in text
+    pngs = sorted(p.name for p in md.parent.glob("*.png"))
+    assert pngs == ["learning_detect.png", "learning_tss4h5.png", "reliability_lesion_present.png",
+                    "reliability_tss_lt_4h5.png", "roc_lesion_present.png", "roc_tss_lt_4h5.png"]
+    for name in pngs:
+        assert name in text
+        assert mpimg.imread(md.parent / name).shape[2] in (3, 4)
+
+
+def test_cli_report_two_runs(tmp_path, capsys):
+    a, b = _write_run(tmp_path / "a", seed=0), _write_run(tmp_path / "b", seed=1)
+    assert cli_main(["report", str(a), str(b), "--resamples", "100"]) == 0
+    text = (a / "report.md").read_text()
+    assert "a/attn_pretrained" in text and "b/random_init" in text
+
+
+def test_bad_predictions_name_file_subject_and_field(run):
+    path = run / "random_init" / "fold-1" / "detect" / "predictions.csv"
+    df = pd.read_csv(path)
+    df.loc[3, "probability"] = 1.7
+    df.to_csv(path, index=False)
+    with pytest.raises(UserError, match=r"fold-1/detect/predictions.csv: subject sub-\d+: field probability"):
+        collect_predictions([run])
+    with pytest.raises(UserError, match="does not exist"):
+        collect_predictions([run / "nope"])
