@@ -21,6 +21,7 @@ VERBS: dict[str, str] = {
     "pretrain": "Models Genesis self-supervised pretraining, once per run, into RUN/genesis/.",
     "train": "Run one fold's phase schedule for each (or one) variant.",
     "report": "Table-2 report, ROC/learning/calibration plots, DeLong, readers and baselines from run folders.",
+    "explain": "Grad-CAM / attention maps of one subject: NIfTI on the store's grid, PNG montage, lesion overlap.",
 }
 
 

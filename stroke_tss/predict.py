@@ -1,0 +1,153 @@
+"""Apply trained phases to a store's subjects: detector picks the lesion hemisphere, TSS phases score it.
+
+A model is read from RUN/<variant>/fold-<k>/<phase>/weights.pt ({"model", "init_args", "state_dict"}),
+its task from the phase's predictions.csv and its decision threshold from metrics.json (the validation
+split's Youden threshold). Without --fold the folds form an ensemble: probabilities and thresholds are
+averaged over folds.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from stroke_tss.errors import UserError
+from stroke_tss.models import build_model
+
+DETECT_TASK = "lesion_present"
+TSS_TASKS = ("tss_lt_4h5", "tss_lt_3h")
+SIDES = ("left", "right")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One trained phase of one fold: where it is, what it predicts, the threshold it decides at."""
+
+    path: Path
+    variant: str
+    fold: int
+    phase: str
+    task: str
+    threshold: float
+
+
+def load_model(path: str | Path) -> nn.Module:
+    """Rebuild a model from weights.pt (weights only; no pickled code runs) and put it in eval mode."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no weights file; train this phase first or pick another --phase/--fold")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    missing = [k for k in ("model", "init_args", "state_dict") if k not in blob]
+    if missing:
+        raise UserError(f"{path}: field(s) {', '.join(missing)} missing; not a stroke-tss weights.pt")
+    model = build_model(blob["model"], **blob["init_args"])
+    model.load_state_dict(blob["state_dict"])
+    return model.eval()
+
+
+def _phase_task(path: Path) -> str | None:
+    pred = path / "predictions.csv"
+    if pred.is_file():
+        tasks = pd.read_csv(pred, usecols=["task"], nrows=1000)["task"].unique()
+        if len(tasks):
+            return str(tasks[0])
+    meta = path / "metrics.json"
+    return json.loads(meta.read_text()).get("task") if meta.is_file() else None
+
+
+def _threshold(path: Path) -> float:
+    meta = path / "metrics.json"
+    if not meta.is_file():
+        return 0.5
+    val = json.loads(meta.read_text()).get("val") or {}
+    return float(val.get("threshold", 0.5))
+
+
+def find_phases(run: str | Path, *, variant: str | None = None, fold: int | None = None) -> list[Phase]:
+    """Every trained phase (weights.pt present) of one variant; `variant` may be omitted when there is one."""
+    run = Path(run)
+    variants = sorted(p.parent.parent.parent.name for p in run.glob("*/fold-*/*/weights.pt"))
+    variants = list(dict.fromkeys(variants))
+    if not variants:
+        raise UserError(f"{run}: no <variant>/fold-<k>/<phase>/weights.pt; train the run first")
+    if variant is None:
+        if len(variants) > 1:
+            raise UserError(f"{run} holds variants {', '.join(variants)}; pick one with --variant")
+        variant = variants[0]
+    if variant not in variants:
+        raise UserError(f"{run}: no trained variant {variant!r}; trained: {', '.join(variants)}")
+    phases = []
+    for weights in sorted((run / variant).glob("fold-*/*/weights.pt")):
+        k = int(weights.parent.parent.name.split("-", 1)[1])
+        if fold is not None and k != fold:
+            continue
+        task = _phase_task(weights.parent)
+        if task is None:
+            continue
+        phases.append(Phase(weights.parent, variant, k, weights.parent.name, task, _threshold(weights.parent)))
+    if not phases:
+        raise UserError(f"{run}/{variant}: no trained phase with a known task for fold {fold}")
+    return phases
+
+
+def pick_phase(phases: list[Phase], *, task: str, phase: str | None = None) -> list[Phase]:
+    """The folds of the phase predicting `task`: the named phase, else the last such phase (the fine-tuned one)."""
+    matching = [p for p in phases if p.task == task and (phase is None or p.phase == phase)]
+    if not matching:
+        return []
+    chosen = phase or sorted({p.phase for p in matching})[-1]
+    return [p for p in matching if p.phase == chosen]
+
+
+def hemisphere_input(store, sid: str, side: str) -> torch.Tensor:
+    """(1, C, Z, Y, X/2): one hemisphere as every model takes it (slices along z for the 2D model)."""
+    return torch.from_numpy(store.hemisphere(sid, side))[None]
+
+
+@torch.no_grad()
+def _probabilities(models: list[nn.Module], x: torch.Tensor) -> float:
+    return float(np.mean([torch.sigmoid(m(x)).item() for m in models]))
+
+
+def predict_store(run: str | Path, store, *, variant: str | None = None, fold: int | None = None,
+                  subjects: list[str] | None = None) -> pd.DataFrame:
+    """Per subject: detector's per-hemisphere probability and pick, TSS probabilities and decisions."""
+    phases = find_phases(run, variant=variant, fold=fold)
+    detect = pick_phase(phases, task=DETECT_TASK)
+    tss = {t: pick_phase(phases, task=t) for t in TSS_TASKS}
+    tss = {t: p for t, p in tss.items() if p}
+    if not tss and not detect:
+        raise UserError(f"{run}: no phase predicts {DETECT_TASK} or {', '.join(TSS_TASKS)}")
+    models = {key: [load_model(p.path / "weights.pt") for p in ps]
+              for key, ps in {DETECT_TASK: detect, **tss}.items() if ps}
+    rows = []
+    for sid in subjects or store.subject_ids:
+        x = {side: hemisphere_input(store, sid, side) for side in SIDES}
+        row: dict = {"subject_id": sid}
+        if detect:
+            scores = {side: _probabilities(models[DETECT_TASK], x[side]) for side in SIDES}
+            row.update({f"lesion_{side}": scores[side] for side in SIDES})
+            side = max(SIDES, key=scores.get)
+        else:  # no detector in the run: fall back to the table's side, else left
+            side = _known_side(store, sid)
+        row["hemisphere"] = side
+        for task, ps in tss.items():
+            p = _probabilities(models[task], x[side])
+            threshold = float(np.mean([ph.threshold for ph in ps]))
+            row.update({f"p_{task}": p, f"{task}": int(p >= threshold), f"threshold_{task}": threshold})
+        row["phases"] = ";".join(sorted({f"{p.phase}" for ps in (detect, *tss.values()) for p in ps}))
+        row["num_folds"] = len(detect or next(iter(tss.values())))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _known_side(store, sid: str) -> str:
+    table = store.table.set_index("subject_id")
+    side = str(table.loc[sid].get("stroke_side", "left")) if sid in table.index else "left"
+    return side if side in SIDES else "left"
