@@ -37,8 +37,10 @@ SIDES = ("left", "right", "bilateral", "none")
 MAX_ONSET_MIN = 30 * 24 * 60  # beyond 30 days the row is a typo (seconds? hours?), not an acute scan
 # numeric clinical columns and their plausible ranges
 RANGES = {"mrs_90d": (0, 6), "nihss": (0, 42), "age": (0, 120)}
-# a lesion with at least this share of its volume on each side of the midline is bilateral
+# a lesion with at least this share of its volume on each side of the midline, beyond a band of
+# MIDLINE_BAND_MM (head tilt and a midline estimated from the centroid blur the plane by a few mm), is bilateral
 BILATERAL_SHARE = 0.1
+MIDLINE_BAND_MM = 5.0
 
 __all__ = ["Manifest", "SubjectRow", "read_manifest", "scan_tree", "write_manifest", "side_from_lesion",
            "load_channel"]
@@ -234,10 +236,10 @@ def side_from_lesion(lesion: str | Path, *, subject_id: str, brain: str | Path |
     if not mask.any():
         return "none"
     x = world_coords(img, mask)[:, 0] - _midline_x(brain, anatomy, subject_id=subject_id)
-    left_share = float(np.mean(x < 0))
-    if min(left_share, 1 - left_share) >= BILATERAL_SHARE:
+    left, right = float(np.mean(x < -MIDLINE_BAND_MM)), float(np.mean(x > MIDLINE_BAND_MM))
+    if min(left, right) >= BILATERAL_SHARE:
         return "bilateral"
-    return "left" if left_share > 0.5 else "right"
+    return "left" if float(np.mean(x < 0)) > 0.5 else "right"
 
 
 def _midline_x(brain, anatomy, *, subject_id: str) -> float:

@@ -1,8 +1,8 @@
 """Safe NIfTI loading: every way a file can be unusable becomes one InputError line.
 
 Checked: missing file, truncated gzip, not a NIfTI, 4D where 3D is expected (a trailing axis of length 1
-is squeezed, as scanners write it), NaN/Inf voxels, all-zero volume. The voxel data is read once here, so
-the returned image holds it in memory (`get_fdata` later costs nothing more).
+is squeezed, as scanners write it), NaN/Inf voxels, all-zero volume (except a lesion mask: empty = no
+lesion). The voxel data is read once here, so the returned image holds it in memory.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def load_nifti(path: str | Path, *, subject_id: str, field: str, expect_3d: bool
     if data.dtype.kind == "f" and not np.isfinite(data).all():
         bad = int(data.size - np.isfinite(data).sum())
         raise fail(f"{bad} NaN/Inf voxels", "fix the export or replace non-finite voxels with 0")
-    if not np.any(data):
+    if not np.any(data) and field != "lesion_mask":  # an empty lesion mask is a subject without a lesion
         raise fail("all-zero volume", "check the export; this series holds no signal")
     header = img.header.copy()
     header.set_data_shape(data.shape)

@@ -155,7 +155,7 @@ def blob_lesion(anat: Anatomy, rng: np.random.Generator, *, side: str) -> np.nda
     rough /= rough.std() + 1e-9
     out = np.zeros(anat.shape, bool)
     # GM/WM only, and strictly on its own side of the midline
-    keep = (anat.maps["parenchyma"][lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] > 0.5) & (world[0] + c[0] < -1.0)
+    keep = (anat.maps["parenchyma"][lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] > 0.5) & (world[0] + c[0] < -3.0)
     out[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = (r2 + 0.35 * rough < 1.0) & keep
     if not out.any():  # a blob that fell into CSF: take the ellipsoid core
         out[tuple(np.clip(ci, 0, np.array(anat.shape) - 1))] = True
