@@ -1,0 +1,249 @@
+"""Training engines behind one small interface: one process, DDP, or DeepSpeed.
+
+The training loop only calls ``forward`` (via ``engine.model``), ``backward``, ``step``, ``save``,
+``load``, ``barrier`` and ``gather``; it never branches on the engine kind. Nothing here knows about
+strokes: an engine wraps any ``nn.Module`` and optimizer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+ENGINE_KINDS = ("local", "ddp", "deepspeed")
+_LATEST = "latest"
+
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _tag_dirs(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoint tags, oldest first (a tag is complete once its ``done`` marker exists)."""
+    if not ckpt_dir.is_dir():
+        return []
+    tags = [p for p in ckpt_dir.iterdir() if p.is_dir() and (p / "done").exists()]
+    return sorted(tags, key=lambda p: (p / "done").stat().st_mtime_ns)
+
+
+class Engine:
+    """Single-process engine; the base of the others."""
+
+    kind = "local"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, device: torch.device | None = None):
+        self.device = device or torch.device("cpu")
+        self.module = model.to(self.device)
+        self.model: nn.Module = self.module
+        self.optimizer = optimizer
+
+    # -- topology ---------------------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if _dist_on() else 0
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size() if _dist_on() else 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- training ---------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        """Optimizer step, then clear gradients."""
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Engine-neutral weights of the unwrapped model (full, on CPU)."""
+        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+
+    # -- collectives ------------------------------------------------------------------------------------
+    def barrier(self) -> None:
+        if _dist_on():
+            dist.barrier()
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if not _dist_on():
+            return [obj]
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+
+    def all_reduce_max(self, value: float) -> float:
+        if not _dist_on():
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+    def save(self, ckpt_dir: str | Path, *, tag: str, client_state: dict, rank_state: dict | None = None,
+             keep: int | None = None) -> Path:
+        """Write checkpoint ``ckpt_dir/tag``; ``rank_state`` (e.g. RNG states) is kept per rank.
+
+        ``keep`` prunes older complete tags, keeping the newest ``keep``; tags named ``best*`` are kept.
+        """
+        ckpt_dir = Path(ckpt_dir)
+        path = ckpt_dir / tag
+        if self.is_main:
+            if path.exists():
+                shutil.rmtree(path)
+            path.mkdir(parents=True)
+        self.barrier()
+        self._save_states(path, client_state)
+        torch.save(rank_state or {}, path / f"rank-{self.rank:05d}.pt")
+        self.barrier()
+        if self.is_main:
+            (path / "done").write_text(json.dumps({"world_size": self.world_size, "engine": self.kind}))
+            (ckpt_dir / _LATEST).write_text(tag)
+            if keep is not None:
+                rolling = [p for p in _tag_dirs(ckpt_dir) if not p.name.startswith("best")]
+                for old in rolling[:-keep] if keep > 0 else rolling:
+                    if old != path:
+                        shutil.rmtree(old, ignore_errors=True)
+        self.barrier()
+        return path
+
+    def _save_states(self, path: Path, client_state: dict) -> None:
+        if self.is_main:
+            torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "client": client_state}, path / "state.pt")
+
+    def load(self, ckpt_dir: str | Path, *, tag: str | None = None) -> tuple[dict, dict] | None:
+        """Restore the newest (or the named) checkpoint; returns (client_state, rank_state) or None."""
+        ckpt_dir = Path(ckpt_dir)
+        if tag is None:
+            tag = latest_tag(ckpt_dir)
+            if tag is None:
+                return None
+        path = ckpt_dir / tag
+        if not (path / "done").exists():
+            raise ValueError(f"checkpoint {path} is incomplete (no 'done' marker); delete it or name another tag")
+        meta = json.loads((path / "done").read_text())
+        if meta.get("engine") != self.kind:
+            raise ValueError(f"checkpoint {path} was written by the {meta.get('engine')} engine, not {self.kind}; "
+                             "resume with the same engine or start from weights.pt")
+        client = self._load_states(path)
+        rank_file = path / f"rank-{self.rank:05d}.pt"
+        rank_state = torch.load(rank_file, weights_only=True) if rank_file.exists() else {}
+        return client, rank_state
+
+    def _load_states(self, path: Path) -> dict:
+        state = torch.load(path / "state.pt", map_location=self.device, weights_only=True)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        return state["client"]
+
+
+LocalEngine = Engine
+
+
+def latest_tag(ckpt_dir: str | Path) -> str | None:
+    """Tag of the newest complete checkpoint in ``ckpt_dir``, or None."""
+    ckpt_dir = Path(ckpt_dir)
+    marker = ckpt_dir / _LATEST
+    if marker.exists():
+        tag = marker.read_text().strip()
+        if (ckpt_dir / tag / "done").exists():
+            return tag
+    tags = _tag_dirs(ckpt_dir)
+    return tags[-1].name if tags else None
+
+
+class DDPEngine(Engine):
+    """torch DistributedDataParallel; needs an initialised process group."""
+
+    kind = "ddp"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, device: torch.device | None = None,
+                 find_unused_parameters: bool = False):
+        if not _dist_on():
+            raise ValueError("the ddp engine needs torch.distributed initialised (run under torchrun or srun)")
+        super().__init__(model, optimizer, device=device)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.model = nn.parallel.DistributedDataParallel(
+            self.module, device_ids=ids, find_unused_parameters=find_unused_parameters)
+
+
+class DeepSpeedEngine(Engine):
+    """DeepSpeed (ZeRO 0-2) with a client optimizer; checkpoints in DeepSpeed's own sharded format."""
+
+    kind = "deepspeed"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, config: dict | str | Path,
+                 device: torch.device | None = None):
+        import deepspeed  # heavy import: only when this engine is chosen
+
+        if isinstance(config, (str, Path)):
+            config = json.loads(Path(config).read_text())
+        config = dict(config)
+        # The loop feeds exactly one micro-batch per step; the global batch is the loader's business.
+        config.setdefault("train_micro_batch_size_per_gpu", 1)
+        config.setdefault("gradient_accumulation_steps", 1)
+        config.pop("train_batch_size", None)
+        if device is None or device.type != "cuda":
+            # bf16/fp16 and CUDA-only optimizers make no sense on the CPU accelerator.
+            config.pop("bf16", None)
+            config.pop("fp16", None)
+        self.device = device or torch.device("cpu")
+        self.module = model.to(self.device)
+        self.optimizer = optimizer
+        self.model, self.ds_optimizer, _, _ = deepspeed.initialize(
+            model=self.module, optimizer=optimizer, config=config, dist_init_required=not _dist_on())
+        self.module = self.model.module
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.model.backward(loss)
+
+    def step(self) -> None:
+        self.model.step()  # steps the optimizer at accumulation boundaries and clears gradients
+
+    def zero_grad(self) -> None:
+        self.model.zero_grad()
+
+    def _save_states(self, path: Path, client_state: dict) -> None:
+        self.model.save_checkpoint(str(path.parent), tag=path.name, client_state={"client": client_state},
+                                   save_latest=False)
+
+    def _load_states(self, path: Path) -> dict:
+        _, client = self.model.load_checkpoint(str(path.parent), tag=path.name)
+        if client is None:
+            raise ValueError(f"DeepSpeed could not load checkpoint {path}")
+        return client["client"]
+
+
+def build_engine(kind: str, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                 device: torch.device | None = None, deepspeed_config: dict | str | Path | None = None,
+                 find_unused_parameters: bool = False) -> Engine:
+    """Engine by name: ``local``, ``ddp`` or ``deepspeed`` (which needs ``deepspeed_config``)."""
+    if kind == "local":
+        return Engine(model, optimizer, device=device)
+    if kind == "ddp":
+        return DDPEngine(model, optimizer, device=device, find_unused_parameters=find_unused_parameters)
+    if kind == "deepspeed":
+        if deepspeed_config is None:
+            raise ValueError("engine 'deepspeed' needs a DeepSpeed JSON config (engine.deepspeed_config)")
+        return DeepSpeedEngine(model, optimizer, config=deepspeed_config, device=device)
+    raise ValueError(f"unknown engine {kind!r}; choose one of {', '.join(ENGINE_KINDS)}")
