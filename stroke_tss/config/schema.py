@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from stroke_tss.config.training import (
+    EngineSection,
+    GenesisSection,
+    ModelSection,
+    PhaseSection,
+    TrainSection,
+    default_phases,
+)
 
 
 class Section(BaseModel):
@@ -47,3 +56,12 @@ class Config(Section):
     data: DataConfig
     run: RunConfig
     cv: CVConfig = Field(default_factory=CVConfig)
+    # Training sections (stroke_tss/config/training.py, owned by the training work).
+    model: ModelSection = Field(default_factory=ModelSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    phases: dict[str, PhaseSection] = Field(default_factory=default_phases)
+    """Phase name -> phase, run in the order given."""
+    variants: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"default": {}})
+    """Variant name -> overrides of this config (nested keys), e.g. 2d_scratch: {phases: {tss3h: {init: random}}}."""
+    genesis: GenesisSection = Field(default_factory=GenesisSection)
+    engine: EngineSection = Field(default_factory=EngineSection)
