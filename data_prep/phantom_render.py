@@ -177,8 +177,11 @@ def render(anat: Anatomy, geo: Geometry, lesion: np.ndarray, lat: Latent, site: 
         adc = np.log(b0 / np.maximum(dwi, 1e-3)) / B_VALUE * 1e6
     adc = np.where(b0 > 5 * sigma, np.clip(adc, 0, 4000), 0)
     out["dwi"], out["b0"], out["adc"] = dwi, b0, adc
-    out["lesion"] = (sample("lesion", c, geo.shape) >= 0.5 if "lesion" in maps
-                     else np.zeros(geo.shape, bool)).astype(np.uint8)
+    out["lesion"] = np.zeros(geo.shape, np.uint8)
+    if "lesion" in maps:
+        soft_scan = sample("lesion", c, geo.shape)
+        # a lacune smaller than a coarse voxel still marks its voxel(s), so a stroke never loses its mask
+        out["lesion"] = (soft_scan >= min(0.5, 0.5 * float(soft_scan.max()))).astype(np.uint8)
     if brain_mask:
         maps["brain"] = anat.brain.astype(np.float32)
         out["brain_mask"] = (sample("brain", c, geo.shape) >= 0.5).astype(np.uint8)
