@@ -160,3 +160,16 @@ def test_oracle_near_target_and_consistent_with_the_subject_model() -> None:
     early = np.mean([x.readers[0] for x, e in zip(lat, y) if e])
     late = np.mean([x.readers[0] for x, e in zip(lat, y) if not e])
     assert early > late + 0.2
+
+
+def test_synth_cli_then_scan_finds_every_series(tmp_path: Path, capsys) -> None:
+    from data_prep.cohort import scan_tree
+    from stroke_tss.cli import main as cli_main
+
+    assert cli_main(["synth", str(tmp_path / "c"), "--subjects", "2", "--seed", "3", "--spacing", "6"]) == 0
+    assert "oracle AUC: lesion_present 1.000" in capsys.readouterr().out
+    table = scan_tree(tmp_path / "c")
+    assert table["subject_id"].tolist() == ["sub-001", "sub-002"]
+    assert table[["dwi", "b0", "flair", "adc", "lesion_mask"]].notna().all().all()
+    assert cli_main(["synth", str(tmp_path / "d"), "--subjects", "1", "--spacing", "50"]) == 2
+    assert "spacing_mm must be within" in capsys.readouterr().err
