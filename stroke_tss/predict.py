@@ -151,3 +151,35 @@ def _known_side(store, sid: str) -> str:
     table = store.table.set_index("subject_id")
     side = str(table.loc[sid].get("stroke_side", "left")) if sid in table.index else "left"
     return side if side in SIDES else "left"
+
+
+def prep_like_training(run: str | Path, manifest: str | Path, *, workers: int = 2) -> Path:
+    """Preprocess new subjects into RUN/predict/<manifest>-<hash>/ with the training store's grid, config and
+    reference histogram (seeded into the new store before `prep`, which then reuses it)."""
+    import hashlib
+
+    from data_prep.config import PrepConfig
+    from data_prep.store import StoreError, create_or_extend, open_store, set_reference_histogram
+    from stroke_tss.report.collect import store_path
+
+    trained = store_path([run])
+    if trained is None:
+        raise UserError(f"{run}/config.yaml names no data.store; cannot preprocess like the training data")
+    try:
+        attrs = open_store(trained).attrs
+    except StoreError as exc:
+        raise UserError(f"training store: {exc}") from None
+    config = PrepConfig.model_validate(attrs["prep_config"])
+    manifest = Path(manifest)
+    digest = hashlib.sha1(manifest.read_bytes() + config.config_hash().encode()).hexdigest()[:10]
+    out = Path(run) / "predict" / f"{manifest.stem}-{digest}"
+    if not (out / "zarr.json").exists():
+        create_or_extend(out, config=config, subject_ids=[])
+        if attrs.get("reference_histogram"):
+            set_reference_histogram(out, attrs["reference_histogram"])
+    from data_prep.build import prep  # the Dask pipeline; re-running only finishes what is missing
+
+    result = prep(manifest, out, config=config, workers=workers)
+    if getattr(result, "failed", None):
+        raise UserError(f"{manifest}: preprocessing failed for {result.failed}; see {out}/failures.csv")
+    return out

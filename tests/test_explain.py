@@ -73,3 +73,23 @@ def test_nifti_on_the_store_grid_and_montage_load(tmp_path):
     lesion[1:3, 2:5, 2:5] = 1
     png = explain.save_montage(np.ones_like(heat), heat, lesion, tmp_path / "m.png")
     assert mpimg.imread(png).ndim == 3
+
+
+@pytest.mark.integration
+def test_gradcam_overlap_after_a_few_steps_on_a_real_store(tmp_path):
+    """20 Adam steps of the 2D detector: Grad-CAM's top 5% holds >= 2x chance of most lesions (untrained: 1/16)."""
+    from tests.eval_helpers import blob_store, train_phase
+
+    store = blob_store(tmp_path / "store", num_subjects=16)
+    model = train_phase(store, tmp_path / "run" / "v" / "fold-0" / "1_detect", task="lesion_present", steps=20)
+    ratios = []
+    for sid in store.subject_ids:
+        heat = explain.subject_map(model, store, sid, method="gradcam")
+        ratios += [s["ratio"] for s in explain.hemisphere_scores(heat, store.lesion(sid), store.brain(sid)).values()]
+    assert len(ratios) == 16
+    assert sum(r >= 2 for r in ratios) >= 12, ratios
+    result = explain.explain_subject(tmp_path / "run" / "v" / "fold-0" / "1_detect" / "weights.pt", store,
+                                     "sub-00", out_dir=tmp_path / "x", method="attention")
+    img = nib.load(result["nifti"])
+    assert img.shape == (64, 40, 8) and np.allclose(img.affine, store.affine)
+    assert mpimg.imread(result["png"]).ndim == 3 and result["overlap"]["chance"] == pytest.approx(0.05, abs=0.01)

@@ -1,0 +1,42 @@
+"""Probability of TSS < 4.5 h (and < 3 h), the lesion hemisphere and the decision, per subject of new data."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", type=Path, metavar="RUN", help="trained run folder")
+    parser.add_argument("data", type=Path, metavar="MANIFEST_OR_STORE",
+                        help="a preprocessed store, or a manifest CSV to preprocess like the training store")
+    parser.add_argument("--variant", default=None, help="variant (default: the only one in RUN)")
+    parser.add_argument("--fold", type=int, default=None, help="one fold's weights (default: fold ensemble)")
+    parser.add_argument("--subjects", nargs="*", default=None, help="only these subject ids")
+    parser.add_argument("--out", type=Path, default=None, help="CSV to write (default: print)")
+    parser.add_argument("--workers", type=int, default=2, help="preprocessing workers for a manifest")
+
+
+def main(args: argparse.Namespace) -> int:
+    from data_prep.store import StoreError, open_store
+    from stroke_tss.errors import UserError
+    from stroke_tss.predict import predict_store, prep_like_training
+
+    data = args.data
+    if data.suffix.lower() == ".csv":
+        data = prep_like_training(args.run, data, workers=args.workers)
+    try:
+        store = open_store(data)
+    except StoreError as exc:
+        raise UserError(str(exc)) from None
+    missing = [s for s in args.subjects or [] if s not in store.subject_ids]
+    if missing:
+        raise UserError(f"subject(s) {', '.join(missing)} not in {data}; it holds {len(store.subject_ids)} subjects")
+    table = predict_store(args.run, store, variant=args.variant, fold=args.fold, subjects=args.subjects)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(args.out, index=False)
+        print(args.out)
+    else:
+        print(table.to_csv(index=False), end="")
+    return 0
