@@ -1,0 +1,125 @@
+"""Task labels from the subjects table, the store dataset, augmentation and the resumable sampler.
+
+`make_store` writes a small real Zarr store with the store's own writer primitives: a bright DWI blob in
+the lesion hemisphere, so detection is learnable in a few steps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from stroke_tss.data import ShardedSampler, StoreDataset, augment, task_samples
+
+SHAPE_XYZ = (64, 32, 8)  # hemispheres 32 x 32 in-plane: the smallest slicewise2d accepts
+
+
+def make_store(path, *, num_subjects: int = 12, seed: int = 0):
+    from data_prep.config import PrepConfig
+    from data_prep.store import assemble_table, create_or_extend, write_record, write_subject
+
+    config = PrepConfig(shape=SHAPE_XYZ, spacing_mm=4.0)
+    ids = [f"sub-{i:02d}" for i in range(num_subjects)]
+    rows = create_or_extend(path, config=config, subject_ids=ids)
+    rng = np.random.default_rng(seed)
+    nx, ny, nz = SHAPE_XYZ
+    sides = ["left", "right", "none", "bilateral"]
+    for i, sid in enumerate(ids):
+        side = sides[i % 4]
+        volume = rng.normal(0, 1, (3, nz, ny, nx)).astype(np.float32)
+        lesion = np.zeros((nz, ny, nx), np.uint8)
+        for s, xs in (("left", slice(8, 20)), ("right", slice(44, 56))):
+            if side in (s, "bilateral"):
+                lesion[2:6, 10:20, xs] = 1
+        volume[0][lesion > 0] += 3.0
+        write_subject(path, rows[sid], volume=volume, brain=np.ones_like(lesion), lesion=lesion)
+        onset = [60, 200, 300, None][(i // 2) % 4]
+        write_record(path, {"subject_id": sid, "index": rows[sid], "has_lesion_mask": True,
+                            "lesion_left": side in ("left", "bilateral"), "lesion_right": side in ("right", "bilateral"),
+                            "stroke_side": side, "onset_to_mri_min": onset, "site": "AB"[i % 2],
+                            "mrs_90d": i % 6})
+    assemble_table(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("store") / "tiny.zarr")
+
+
+TABLE = pd.DataFrame({
+    "subject_id": ["a", "b", "c", "d", "e"],
+    "lesion_left": [True, False, None, False, True],
+    "lesion_right": [False, False, None, True, True],
+    "stroke_side": ["left", "none", "right", "right", "bilateral"],
+    "onset_to_mri_min": [100, 50, 250, None, 200],
+    "mrs_90d": [1, None, 4, 3, 0],
+})
+
+
+def test_task_labels_follow_the_subjects_table():
+    lesion, skipped = task_samples(TABLE, "lesion_present")
+    assert skipped == 0 and len(lesion) == 10
+    # c has no mask flags: stroke_side decides
+    assert {(s.subject_id, s.hemisphere): s.label for s in lesion}[("c", "right")] == 1
+    tss, skipped = task_samples(TABLE, "tss_lt_3h")
+    # b has no lesion half, d no known onset: both skipped; e contributes both halves
+    assert skipped == 2
+    assert [(s.subject_id, s.hemisphere, s.label) for s in tss] == [
+        ("a", "left", 1), ("c", "right", 0), ("e", "left", 0), ("e", "right", 0)]
+    assert [s.label for s in task_samples(TABLE, "tss_lt_4h5")[0]] == [1, 1, 1, 1]
+    mrs, skipped = task_samples(TABLE, "mrs_gt_2")
+    assert skipped == 1 and [(s.hemisphere, s.label) for s in mrs] == [("both", 0), ("both", 1), ("both", 1), ("both", 0)]
+
+
+def test_task_errors_name_the_problem():
+    with pytest.raises(ValueError, match="unknown task 'tss_lt_6h'"):
+        task_samples(TABLE, "tss_lt_6h")
+    with pytest.raises(ValueError, match=r"\['zz'\] are in the splits"):
+        task_samples(TABLE, "lesion_present", ["a", "zz"])
+
+
+def test_dataset_reads_flipped_hemispheres_from_a_real_store(store):
+    from data_prep.store import open_store
+
+    samples, _ = task_samples(open_store(store).table, "lesion_present", ["sub-00", "sub-01"])
+    ds = StoreDataset(store, samples, channels=["dwi", "flair"])
+    items = [ds[i] for i in range(len(ds))]
+    assert items[0]["x"].shape == (2, 8, 32, 32)
+    # the lesion blob (bright DWI) is where the label says, in both halves after the flip
+    for item, s in zip(items, samples):
+        blob = item["x"][0, 2:6, 10:20, 8:20].mean().item()
+        assert (blob > 2) == bool(s.label), (s, blob)
+    with pytest.raises(ValueError, match="channels \\['adc'\\] not in"):
+        StoreDataset(store, samples, channels=["adc"])
+
+
+def test_augmentation_is_seeded_per_item_and_epoch(store):
+    from data_prep.store import open_store
+
+    samples, _ = task_samples(open_store(store).table, "lesion_present", ["sub-00"])
+    ds = StoreDataset(store, samples, augment={"gamma": (0.9, 1.1), "rotate_z_deg": 15, "noise_std": 0.1}, seed=3)
+    first = ds[0]["x"]
+    assert np.array_equal(first, ds[0]["x"])
+    ds.set_epoch(1)
+    assert not np.array_equal(first, ds[0]["x"])
+    x = np.random.default_rng(0).normal(size=(1, 2, 8, 8)).astype(np.float32)
+    assert np.allclose(augment(x, np.random.default_rng(0)), x)
+
+
+def test_sampler_shards_pad_oversample_and_resume():
+    labels = [0] * 7 + [1] * 2
+    shards = [list(ShardedSampler(labels, rank=r, world_size=2, seed=1)) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 5
+    assert set(shards[0] + shards[1]) == set(range(9))
+    over = ShardedSampler(labels, oversample=True, seed=1)
+    idx = list(over)
+    assert len(idx) == len(over) == 14 and sum(labels[i] for i in idx) == 7
+    s = ShardedSampler(labels, seed=1)
+    s.set_epoch(3)
+    full = list(s)
+    s.set_epoch(3, start=4)
+    assert list(s) == full[4:] and len(s) == 5
+    s.set_epoch(4)
+    assert list(s) != full
