@@ -41,7 +41,10 @@ def blob_store(path: Path, *, num_subjects: int = 16, seed: int = 0):
                             "stroke_side": side, "onset_to_mri_min": onset,
                             "lesion_volume_ml": float(lesion.sum()) * 0.064,
                             "lesion_left": side == "left", "lesion_right": side == "right",
-                            "reader_1": int(onset < 270), "reader_2": int(onset < 240), "reader_3": int(onset < 300)})
+                            "reader_1": int(onset < 270), "reader_2": int(onset < 240), "reader_3": int(onset < 300),
+                            # raw intensities before the z-score, as prep records them (FLAIR ratio needs them)
+                            "qc": {f"{c}_{k}": v for c in ("dwi", "b0", "flair")
+                                   for k, v in (("mean", 400.0), ("std", 100.0))}})
     assemble_table(path)
     return open_store(path)
 

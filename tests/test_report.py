@@ -123,3 +123,24 @@ def test_bad_predictions_name_file_subject_and_field(run):
         collect_predictions([run])
     with pytest.raises(UserError, match="does not exist"):
         collect_predictions([run / "nope"])
+
+
+def test_report_readers_kappa_and_baselines_from_the_store(run, tmp_path):
+    from stroke_tss.report import clinical
+    from stroke_tss.stats import category_counts, fleiss_kappa
+    from tests.eval_helpers import blob_store
+
+    store = blob_store(tmp_path / "store", num_subjects=24)
+    perf, kappa = clinical.reader_section(store.table, num_resamples=100)
+    table = store.table.set_index("subject_id")
+    y = (table["onset_to_mri_min"] < 270).astype(int)
+    r1 = table["reader_1"]
+    row = perf.set_index("reader").loc["reader_1"]
+    assert row["sensitivity"] == pytest.approx(recall_score(y, r1)) == 1.0  # reader_1 reads exactly < 270 min
+    assert kappa == pytest.approx(fleiss_kappa(category_counts(table[["reader_1", "reader_2", "reader_3"]])))
+    base = clinical.baseline_table(store, num_resamples=100).set_index(["task", "baseline"])
+    # FLAIR brightens with onset in this store, volume does not: the FLAIR-ratio baseline must rank better.
+    assert base.loc[("tss_lt_4h5", "logistic(flair_ratio)"), "auc"] > 0.8
+    assert base.loc[("tss_lt_4h5", "logistic(flair_ratio)"), "auc"] > base.loc[("tss_lt_4h5", "logistic(lesion_volume_ml)"), "auc"]
+    md = write_report([run], store=store.path, num_resamples=100).read_text()
+    assert "Fleiss' kappa between readers" in md and "logistic(flair_ratio)" in md
