@@ -1,0 +1,98 @@
+"""The local one-node Slurm runs what users submit through submitit: arrays, multi-task gloo jobs, and a
+killed job reads as failed instead of hanging."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cloudpickle
+import pytest
+import submitit
+
+from tests.fixtures.slurm import alive, read_env_file, start_cluster, stop_cluster
+
+pytestmark = [pytest.mark.slurm, pytest.mark.integration, pytest.mark.timeout(180)]
+
+# Functions defined here run inside Slurm jobs, where the tests package is not importable.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def _all_reduce_rank() -> dict:
+    import torch
+    import torch.distributed as dist
+
+    from hpc.env import destroy_distributed, init_distributed
+
+    torch.set_num_threads(1)
+    env = init_distributed(timeout_s=60)
+    value = torch.tensor([float(env.rank + 1)])
+    dist.all_reduce(value)
+    destroy_distributed()
+    return {"rank": env.rank, "world_size": env.world_size, "launcher": env.launcher, "sum": value.item()}
+
+
+def _sleep(seconds: float) -> str:
+    time.sleep(seconds)
+    return "finished"
+
+
+def _executor(folder: Path, **params) -> submitit.AutoExecutor:
+    # A fresh folder per test: job ids restart with every fresh cluster, and old results would be read.
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    executor.update_parameters(timeout_min=5, slurm_partition="debug", **params)
+    return executor
+
+
+def test_job_array_returns_every_result(slurm_cluster, tmp_path):
+    executor = _executor(tmp_path / "array", slurm_array_parallelism=4)
+    jobs = executor.map_array(_square, [0, 1, 2, 3])
+    assert len({job.job_id.split("_")[0] for job in jobs}) == 1, "expected one array job"
+    assert [job.result() for job in jobs] == [0, 1, 4, 9]
+
+
+def test_two_task_job_all_reduces_over_gloo(slurm_cluster, tmp_path):
+    executor = _executor(tmp_path / "ddp", nodes=1, tasks_per_node=2, cpus_per_task=1)
+    job = executor.submit(_all_reduce_rank)
+    results = sorted(job.results(), key=lambda r: r["rank"])
+    assert [r["rank"] for r in results] == [0, 1]
+    assert all(r["world_size"] == 2 and r["launcher"] == "slurm" for r in results)
+    assert [r["sum"] for r in results] == [3.0, 3.0]
+
+
+def test_killed_job_raises_instead_of_hanging(slurm_cluster, tmp_path):
+    executor = _executor(tmp_path / "killed")
+    job = executor.submit(_sleep, 300)
+    deadline = time.monotonic() + 60
+    while job.watcher.get_state(job.job_id, mode="force") != "RUNNING":
+        assert time.monotonic() < deadline, f"job {job.job_id} never started"
+        time.sleep(0.5)
+    subprocess.run(["scancel", job.job_id], check=True)
+    # Forced polls only make this quicker than submitit's back-off; without sacct it would never end.
+    while not job.done(force_check=True):
+        assert time.monotonic() < deadline, f"job {job.job_id} still not done after scancel"
+        time.sleep(0.5)
+    # submitit then waits _results_timeout_s (15 s) for a result file lagging on NFS; local disk does not lag.
+    job._results_timeout_s = 1
+    with pytest.raises(submitit.core.utils.UncompletedJobError):
+        job.result()
+    assert job.state.startswith("CANCELLED")
+
+
+def test_down_stops_exactly_what_up_started(slurm_cluster, tmp_path):
+    # A second cluster beside the session's: both must run, and stopping one leaves the other up.
+    env_file = start_cluster(tmp_path / "up.log")
+    env = read_env_file(env_file)
+    pids = [int(p) for p in env["STROKE_TSS_SLURM_PIDS"].split()]
+    assert len(pids) == 3 and all(alive(pid) for pid in pids)
+    stop_cluster(env_file)
+    assert not any(alive(pid) for pid in pids)
+    assert not Path(env["STROKE_TSS_SLURM_DIR"]).exists()
+    assert all(alive(pid) for pid in slurm_cluster.pids)
+    subprocess.run(["sinfo", "-h"], check=True, capture_output=True)
