@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     module = _module(verb)
     verb_parser = _Parser(prog=f"stroke-tss {verb}", description=VERBS[verb])
     module.add_arguments(verb_parser)
-    args = verb_parser.parse_args(argv[1:])
+    # intermixed: `train CONFIG --fold 0 key=value` puts overrides after options
+    args = verb_parser.parse_intermixed_args(argv[1:])
 
     from stroke_tss.logs import setup_logging
 

@@ -101,6 +101,7 @@ def train_phase(model: nn.Module, datasets: dict[str, StoreDataset], out_dir: st
     opt_cfg, stop_cfg = optimizer or train.optimizer, stopping or train.stopping
     eng = _engine(model, opt_cfg, engine)
     ckpt_dir = out_dir / "ckpt"
+    ckpt_dir.mkdir(exist_ok=True)
     train_ds = datasets["train"]
     sampler = ShardedSampler(train_ds.labels, rank=eng.rank, world_size=eng.world_size,
                              oversample=train.oversample, seed=seed)
