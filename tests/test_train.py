@@ -1,0 +1,108 @@
+"""End to end on a small real store: the 2D schedule through the CLI, exact resume after a kill, 3D with
+Models Genesis pretraining."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from tests.test_data import make_store
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["model.options.base_channels=4", "train.num_workers=0", "train.threads=1", "train.batch_size=2",
+         "train.stopping.max_epochs=2", "train.stopping.min_epochs=1", "cv.folds=2", "train.augment.noise_std=0.1"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("train") / "store.zarr", num_subjects=16)
+
+
+def _cli(*args: str) -> int:
+    from stroke_tss.cli import main
+
+    return main(list(args))
+
+
+@pytest.mark.integration
+def test_2d_schedule_writes_every_phase_and_weights_rebuild_the_model(store, tmp_path):
+    from stroke_tss.models import build_model
+
+    run = tmp_path / "run"
+    assert _cli("train", "configs/tss2d.yaml", "--fold", "0", "--variant", "2d", f"data.store={store}",
+                f"run.dir={run}", *SMALL) == 0
+    for phase in ("lesion", "tss3h", "tss4h5", "attention"):
+        out = run / "2d" / "fold-0" / phase
+        pred = pd.read_csv(out / "predictions.csv")
+        assert list(pred.columns) == ["subject_id", "hemisphere", "task", "label", "probability", "split"]
+        assert set(pred.split) == {"val", "test"} and pred.probability.between(0, 1).all()
+        assert len(list((out / "ckpt").glob("epoch-*"))) >= 1
+        assert len((out / "log.jsonl").read_text().splitlines()) == 2
+        weights = torch.load(out / "weights.pt", weights_only=True)
+        model = build_model(weights["model"], **weights["init_args"])
+        model.load_state_dict(weights["state_dict"])
+    splits = (run / "splits.json").read_text()
+    test_ids = set(pd.read_csv(run / "2d/fold-0/lesion/predictions.csv").query("split == 'test'").subject_id)
+    assert test_ids and all(s in splits for s in test_ids)
+    # frozen groups kept the previous phase's values
+    lesion = torch.load(run / "2d/fold-0/lesion/weights.pt", weights_only=True)["state_dict"]
+    tss3h = torch.load(run / "2d/fold-0/tss3h/weights.pt", weights_only=True)["state_dict"]
+    stem = [k for k in lesion if k.startswith("backbone.conv1")]
+    assert stem and all(torch.equal(lesion[k], tss3h[k]) for k in stem)
+    # a second call finds every phase done and leaves the results alone
+    before = (run / "2d/fold-0/attention/weights.pt").stat().st_mtime_ns
+    assert _cli("train", "configs/tss2d.yaml", "--fold", "0", "--variant", "2d", f"data.store={store}",
+                f"run.dir={run}", *SMALL) == 0
+    assert (run / "2d/fold-0/attention/weights.pt").stat().st_mtime_ns == before
+
+
+def _train_cmd(store: Path, run: Path) -> list[str]:
+    return [sys.executable, "-m", "stroke_tss", "train", "configs/tss2d.yaml", "--fold", "0", "--variant", "2d",
+            f"data.store={store}", f"run.dir={run}", *SMALL, "train.ckpt_every_steps=1",
+            "train.stopping.max_epochs=3", "phases.tss3h.task=tss_lt_3h"]
+
+
+@pytest.mark.integration
+def test_a_killed_run_resumes_bit_identically(store, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(_train_cmd(store, straight), cwd=REPO, env=env, check=True, capture_output=True)
+    proc = subprocess.Popen(_train_cmd(store, killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    target = killed / "2d/fold-0/lesion/ckpt"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(target.glob("step-0000000[4-9]/done")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # no chance to save: resume must come from the last step checkpoint
+    proc.wait()
+    assert not (killed / "2d/fold-0/lesion/weights.pt").exists(), "the kill came too late to test a resume"
+    subprocess.run(_train_cmd(store, killed), cwd=REPO, env=env, check=True, capture_output=True)
+    for phase in ("lesion", "tss3h", "tss4h5", "attention"):
+        a = torch.load(straight / "2d/fold-0" / phase / "weights.pt", weights_only=True)["state_dict"]
+        b = torch.load(killed / "2d/fold-0" / phase / "weights.pt", weights_only=True)["state_dict"]
+        assert all(torch.equal(a[k], b[k]) for k in a), phase
+        assert (straight / "2d/fold-0" / phase / "predictions.csv").read_text() == \
+            (killed / "2d/fold-0" / phase / "predictions.csv").read_text()
+
+
+@pytest.mark.integration
+def test_3d_schedule_after_genesis_pretraining(store, tmp_path):
+    run = tmp_path / "run3d"
+    common = [f"data.store={store}", f"run.dir={run}", *SMALL, "genesis.base_channels=4", "genesis.epochs=1",
+              "genesis.crop=[16,16,8]", "genesis.crops_per_subject=1", "genesis.batch_size=4"]
+    assert _cli("train", "configs/tss3d.yaml", "--fold", "0", "--variant", "3d", *common) == 2  # no genesis yet
+    assert _cli("pretrain", "configs/tss3d.yaml", *common) == 0
+    genesis = torch.load(run / "genesis/weights.pt", weights_only=True)
+    assert genesis["model"] == "unet3d"
+    assert _cli("train", "configs/tss3d.yaml", "--fold", "0", "--variant", "3d", *common) == 0
+    lesion = torch.load(run / "3d/fold-0/lesion/weights.pt", weights_only=True)
+    assert lesion["model"] == "encoder3d"
+    assert (run / "3d/fold-0/attention/metrics.json").exists()
