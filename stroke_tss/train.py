@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: the launcher requeues on this status
 
 
-class Preempted(RuntimeError):
+class Preempted(preempt.Preempted):
     """Raised after the loop saved on a preemption request; the verb exits with PREEMPTED_EXIT."""
 
 
@@ -156,13 +156,15 @@ def train_phase(model: nn.Module, datasets: dict[str, StoreDataset], out_dir: st
                 bar.close()
                 raise Preempted(f"preempted at epoch {epoch}, step {loop['step_in_epoch']}; checkpoint saved")
         bar.close()
+        train_seconds = time.perf_counter() - start
         val = predict(eng, datasets["val"], batch_size=train.eval_batch_size, num_workers=train.num_workers)
         summary = _val_summary(val)
         improved = stopper.update(summary[stop_cfg.monitor], epoch)
         if improved and eng.is_main:
             torch.save(eng.state_dict(), ckpt_dir / "best-weights.pt")
         record = {"epoch": epoch, "steps": loop["global_step"], "train_loss": loop["loss_sum"] / max(1, loop["seen"]),
-                  **summary, "best_epoch": stopper.best_epoch, "seconds": round(time.perf_counter() - start, 3)}
+                  **summary, "best_epoch": stopper.best_epoch, "train_seconds": round(train_seconds, 4),
+                  "seconds": round(time.perf_counter() - start, 3)}
         if eng.is_main:
             with open(out_dir / "log.jsonl", "a") as fh:
                 fh.write(json.dumps(record) + "\n")
