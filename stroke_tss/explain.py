@@ -124,14 +124,17 @@ def to_full_grid(left: np.ndarray, right: np.ndarray) -> np.ndarray:
     return np.concatenate([left, right[..., ::-1]], axis=-1)
 
 
-def subject_map(model: nn.Module, store, sid: str, *, method: str = "gradcam",
-                layer: str | None = None) -> np.ndarray:
-    """The chosen map for both hemispheres of a subject on the store's full grid (Z, Y, X)."""
+def subject_map(model: nn.Module, store, sid: str, *, method: str = "gradcam", layer: str | None = None,
+                channels=None, intensity: str = "zscore") -> np.ndarray:
+    """The chosen map for both hemispheres of a subject on the store's full grid (Z, Y, X).
+
+    `channels` and `intensity` must be what the model trained on (the fold's config.yaml).
+    """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
     halves = {}
     for side in SIDES:
-        x = hemisphere_input(store, sid, side)
+        x = hemisphere_input(store, sid, side, channels=channels, intensity=intensity)
         halves[side] = gradcam(model, x, layer=layer) if method == "gradcam" else attention_map(model, x, key=layer)
     return to_full_grid(halves["left"], halves["right"])
 
@@ -203,12 +206,14 @@ def save_montage(background: np.ndarray, heat: np.ndarray, lesion: np.ndarray | 
 def explain_subject(weights: str | Path, store, sid: str, *, out_dir: str | Path, method: str = "gradcam",
                     layer: str | None = None, top: float = 0.05) -> dict:
     """Map, NIfTI, montage and overlap scores of one subject for one trained phase (weights.pt)."""
-    from stroke_tss.predict import load_model
+    from stroke_tss.predict import fold_config, load_model
 
     if sid not in store.subject_ids:
         raise ValueError(f"subject {sid!r} is not in store {store.path}; subjects look like {store.subject_ids[:3]}")
     model = load_model(weights)
-    heat = subject_map(model, store, sid, method=method, layer=layer)
+    cfg = fold_config(Path(weights).parent)
+    heat = subject_map(model, store, sid, method=method, layer=layer, channels=(cfg.get("data") or {}).get("channels"),
+                       intensity=(cfg.get("train") or {}).get("intensity", "zscore"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{sid}_{method}" + (f"_{layer}" if layer else "")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 from torch import nn
 
 from stroke_tss.errors import UserError
@@ -35,6 +36,10 @@ class Phase:
     phase: str
     task: str
     threshold: float
+    channels: tuple[str, ...] | None = None
+    """Input channels the phase trained on (None: all the store's)."""
+    intensity: str = "zscore"
+    """Input scaling the phase trained with (train.intensity)."""
 
 
 def load_model(path: str | Path) -> nn.Module:
@@ -51,7 +56,16 @@ def load_model(path: str | Path) -> nn.Module:
     return model.eval()
 
 
+def fold_config(phase_path: Path) -> dict:
+    """The resolved variant config the fold trained with (RUN/<variant>/fold-<k>/config.yaml), {} if absent."""
+    path = Path(phase_path).parent / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
 def _phase_task(path: Path) -> str | None:
+    blob = torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
+    if isinstance(blob, dict) and blob.get("task"):
+        return str(blob["task"])  # the trainer records it next to the weights
     pred = path / "predictions.csv"
     if pred.is_file():
         tasks = pd.read_csv(pred, usecols=["task"], nrows=1000)["task"].unique()
@@ -90,7 +104,11 @@ def find_phases(run: str | Path, *, variant: str | None = None, fold: int | None
         task = _phase_task(weights.parent)
         if task is None:
             continue
-        phases.append(Phase(weights.parent, variant, k, weights.parent.name, task, _threshold(weights.parent)))
+        cfg = fold_config(weights.parent)
+        channels = (cfg.get("data") or {}).get("channels")
+        phases.append(Phase(weights.parent, variant, k, weights.parent.name, task, _threshold(weights.parent),
+                            channels=tuple(channels) if channels else None,
+                            intensity=(cfg.get("train") or {}).get("intensity", "zscore")))
     if not phases:
         raise UserError(f"{run}/{variant}: no trained phase with a known task for fold {fold}")
     return phases
@@ -101,13 +119,23 @@ def pick_phase(phases: list[Phase], *, task: str, phase: str | None = None) -> l
     matching = [p for p in phases if p.task == task and (phase is None or p.phase == phase)]
     if not matching:
         return []
-    chosen = phase or sorted({p.phase for p in matching})[-1]
+    chosen = phase or phase_order(matching)[-1]
     return [p for p in matching if p.phase == chosen]
 
 
-def hemisphere_input(store, sid: str, side: str) -> torch.Tensor:
-    """(1, C, Z, Y, X/2): one hemisphere as every model takes it (slices along z for the 2D model)."""
-    return torch.from_numpy(store.hemisphere(sid, side))[None]
+def phase_order(phases: list[Phase]) -> list[str]:
+    """Phase names in schedule order (the fold config's `phases`), else alphabetical."""
+    names = {p.phase for p in phases}
+    order = list(fold_config(phases[0].path).get("phases") or {}) if phases else []
+    return [n for n in order if n in names] + sorted(names - set(order))
+
+
+def hemisphere_input(store, sid: str, side: str, *, channels=None, intensity: str = "zscore") -> torch.Tensor:
+    """(1, C, Z, Y, X/2): one hemisphere read exactly as the training dataset reads it (no augmentation)."""
+    from stroke_tss.data import Sample, StoreDataset
+
+    dataset = StoreDataset(store.path, [Sample(sid, side, 0)], channels=channels, intensity=intensity)
+    return dataset[0]["x"][None]
 
 
 @torch.no_grad()
@@ -124,21 +152,24 @@ def predict_store(run: str | Path, store, *, variant: str | None = None, fold: i
     tss = {t: p for t, p in tss.items() if p}
     if not tss and not detect:
         raise UserError(f"{run}: no phase predicts {DETECT_TASK} or {', '.join(TSS_TASKS)}")
-    models = {key: [load_model(p.path / "weights.pt") for p in ps]
-              for key, ps in {DETECT_TASK: detect, **tss}.items() if ps}
+    groups = {DETECT_TASK: detect, **tss}
+    models = {key: [load_model(p.path / "weights.pt") for p in ps] for key, ps in groups.items() if ps}
     rows = []
     for sid in subjects or store.subject_ids:
-        x = {side: hemisphere_input(store, sid, side) for side in SIDES}
+        def x(task, side, sid=sid):
+            spec = groups[task][0]  # the folds of one phase share channels and scaling
+            return hemisphere_input(store, sid, side, channels=spec.channels, intensity=spec.intensity)
+
         row: dict = {"subject_id": sid}
         if detect:
-            scores = {side: _probabilities(models[DETECT_TASK], x[side]) for side in SIDES}
+            scores = {side: _probabilities(models[DETECT_TASK], x(DETECT_TASK, side)) for side in SIDES}
             row.update({f"lesion_{side}": scores[side] for side in SIDES})
             side = max(SIDES, key=scores.get)
         else:  # no detector in the run: fall back to the table's side, else left
             side = _known_side(store, sid)
         row["hemisphere"] = side
         for task, ps in tss.items():
-            p = _probabilities(models[task], x[side])
+            p = _probabilities(models[task], x(task, side))
             threshold = float(np.mean([ph.threshold for ph in ps]))
             row.update({f"p_{task}": p, f"{task}": int(p >= threshold), f"threshold_{task}": threshold})
         row["phases"] = ";".join(sorted({f"{p.phase}" for ps in (detect, *tss.values()) for p in ps}))

@@ -56,3 +56,17 @@ def test_predict_errors_say_what_to_do(trained, tmp_path):
     with pytest.raises(UserError, match="train the run first"):
         find_phases(tmp_path)
     assert cli_main(["predict", str(run), str(store.path), "--subjects", "sub-99"]) == 2
+
+
+def test_explain_cli_writes_nifti_png_and_scores(trained, tmp_path, capsys):
+    import json
+
+    import nibabel as nib
+
+    run, store = trained
+    assert cli_main(["explain", str(run), "sub-01", "--phase", "1_detect", "--out", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert nib.load(result["nifti"]).shape == (64, 40, 8)
+    assert (tmp_path / "sub-01_gradcam.png").is_file()
+    assert set(result["hemispheres"]) == {store.table.set_index("subject_id").loc["sub-01", "stroke_side"]}
+    assert cli_main(["explain", str(run), "sub-01", "--phase", "9_nope"]) == 2

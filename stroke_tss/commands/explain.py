@@ -24,16 +24,16 @@ def main(args: argparse.Namespace) -> int:
     from data_prep.store import StoreError, open_store
     from stroke_tss.errors import UserError
     from stroke_tss.explain import explain_subject
-    from stroke_tss.predict import find_phases
+    from stroke_tss.predict import find_phases, fold_config, phase_order
     from stroke_tss.report.collect import store_path
 
     phases = find_phases(args.run, variant=args.variant, fold=args.fold)
-    names = sorted({p.phase for p in phases})
+    names = phase_order(phases)
     phase = args.phase or names[-1]
     chosen = [p for p in phases if p.phase == phase]
     if not chosen:
         raise UserError(f"{args.run}: no trained phase {phase!r} in fold {args.fold}; trained: {', '.join(names)}")
-    store = args.store or store_path([args.run])
+    store = args.store or (fold_config(chosen[0].path).get("data") or {}).get("store") or store_path([args.run])
     if store is None:
         raise UserError(f"{args.run}/config.yaml names no data.store; pass --store")
     try:
