@@ -1,7 +1,8 @@
 """Typed, validated configuration: `load_config(path, overrides)` -> `Config`."""
 
+from stroke_tss.config.base import Section
 from stroke_tss.config.loader import dump_config, load_config, merge, parse_override, set_dotted, validate
-from stroke_tss.config.schema import Config, CVConfig, DataConfig, RunConfig, Section
+from stroke_tss.config.schema import Config, CVConfig, DataConfig, RunConfig
 
 __all__ = [
     "CVConfig",

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from stroke_tss.config.base import Section
 from stroke_tss.config.training import (
     EngineSection,
     GenesisSection,
@@ -15,12 +16,6 @@ from stroke_tss.config.training import (
     TrainSection,
     default_phases,
 )
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are checked on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
 class DataConfig(Section):

@@ -5,12 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-
-class Section(BaseModel):
-    # Same settings as stroke_tss.config.schema.Section; defined here because schema imports this module.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+from stroke_tss.config.base import Section
 
 Task = Literal["lesion_present", "tss_lt_3h", "tss_lt_4h5", "mrs_gt_2"]
 
