@@ -1,0 +1,180 @@
+"""`prep`: validate a manifest, then one Dask task per subject writes its block and record into the store.
+
+The driver owns the store's metadata (creation, rows, attrs, table, failures); workers write only their own
+subject's shards and record, so tasks never race. The histogram reference subject runs first (its quantiles
+are the target of every other subject), then the rest stream through the cluster as it frees up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from data_prep import store as st
+from data_prep.cohort import Manifest, SubjectRow, read_manifest
+from data_prep.config import PrepConfig
+from data_prep.errors import InputError
+
+log = logging.getLogger(__name__)
+# one thread per worker for every numeric library, so a subject's result does not depend on scheduling
+_SINGLE_THREAD_ENV = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                                        "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "NUMEXPR_NUM_THREADS")}
+
+
+@dataclass
+class PrepResult:
+    store: Path
+    done: list[str] = field(default_factory=list)
+    """Subjects in the store after this run (earlier runs included)."""
+    skipped: list[str] = field(default_factory=list)
+    """Subjects already done before this run."""
+    failed: dict[str, str] = field(default_factory=dict)
+    """subject_id (or manifest line) -> one-line reason; also in STORE/failures.csv."""
+
+
+def process_subject(row: dict, *, store: str, index: int, config: dict, reference: dict | None) -> dict:
+    """Worker task: preprocess, write the block, then the record. Returns the record or {'error': line}."""
+    from data_prep import qc
+    from data_prep.pipeline import preprocess_subject
+
+    cfg = PrepConfig.model_validate(config)
+    sid = row["subject_id"]
+    try:
+        result = preprocess_subject(row, config=cfg, reference=reference)
+        st.write_subject(store, index, volume=result.volume, brain=result.brain, lesion=result.lesion)
+        if cfg.qc_montage:
+            qc.montage(Path(store) / "qc" / f"{sid}.png", result, channels=cfg.channels, title=sid)
+    except InputError as exc:
+        return {"subject_id": sid, "error": str(exc)}
+    except Exception as exc:  # one subject's crash must not stop the cohort; the reason goes to failures.csv
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        return {"subject_id": sid, "error": f"subject {sid}: {type(exc).__name__}: {exc} "
+                f"(at {Path(where.filename).name}:{where.lineno})"}
+    record = {**_table_row(row), "index": index, **result.derived, "qc": result.qc,
+              "landmarks": result.landmarks if reference is None else None}
+    st.write_record(store, record)
+    return record
+
+
+def _table_row(row: dict) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in row.items()}
+
+
+def subject_dict(row: SubjectRow, channels: tuple[str, ...]) -> dict:
+    """Manifest row -> plain dict the worker gets (paths as str; b0 stands in for t2 and back)."""
+    out = row.as_dict()
+    for name in channels:
+        path = row.path(name)
+        if path is not None:
+            out[name] = str(path)
+    return out
+
+
+def _make_client(cluster, workers: int, cluster_options: dict | None):
+    from distributed import Client, LocalCluster
+
+    if not isinstance(cluster, str):
+        return Client(cluster) if not isinstance(cluster, Client) else cluster, None
+    env = dict(_SINGLE_THREAD_ENV)
+    if cluster == "local":
+        lc = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                          env=env, **(cluster_options or {}))
+        return Client(lc), lc
+    if cluster == "slurm":
+        from dask_jobqueue import SLURMCluster
+
+        opts = {"cores": 1, "processes": 1, "memory": "4GB", "walltime": "01:00:00",
+                "job_script_prologue": [f"export {k}={v}" for k, v in env.items()], **(cluster_options or {})}
+        sc = SLURMCluster(**opts)
+        sc.scale(jobs=workers)
+        client = Client(sc)
+        client.wait_for_workers(1, timeout=300)
+        return client, sc
+    raise ValueError(f"cluster must be 'local' or 'slurm', got {cluster!r}")
+
+
+def prep(manifest: str | Path | Manifest, store: str | Path, *, config: PrepConfig | None = None,
+         workers: int = 2, cluster="local", cluster_options: dict | None = None,
+         progress: bool = True) -> PrepResult:
+    """Build or complete `store` from `manifest`; failures are listed, never fatal to the rest."""
+    config = config or PrepConfig()
+    if workers < 1:
+        raise ValueError(f"prep: workers must be >= 1, got {workers}")
+    if not isinstance(manifest, Manifest):
+        manifest = read_manifest(manifest, channels=config.channels)
+    store = Path(store).absolute()
+    rows = {r.subject_id: subject_dict(r, config.channels) for r in manifest.rows}
+    index = st.create_or_extend(store, config=config, subject_ids=list(rows))
+    done = st.done_subjects(store)
+    failed: dict[str, str] = {f"manifest:{i}": line for i, line in enumerate(manifest.errors)}
+    todo = [sid for sid in rows if sid not in done]
+    result = PrepResult(store=store, skipped=[s for s in rows if s in done])
+    reference = st.Store(store).attrs.get("reference_histogram")
+    need_reference = config.zscore and config.histogram_match and reference is None
+    if todo:
+        client, owned = _make_client(cluster, workers, cluster_options)
+        try:
+            if need_reference:
+                reference = _build_reference(client, rows, todo, index, store, config, failed, done)
+            _run(client, [sid for sid in todo if sid not in done and sid not in failed], rows, index, store,
+                 config, reference, failed, progress)
+        finally:
+            client.close()
+            if owned is not None:
+                owned.close()
+    finish(store, failed=failed, valid=set(rows))
+    result.done = sorted(st.done_subjects(store) & set(rows), key=index.get)
+    result.failed = failed
+    return result
+
+
+def _build_reference(client, rows, todo, index, store, config, failed, done) -> dict | None:
+    """Run reference candidates one at a time until one succeeds; its landmarks become the store's."""
+    candidates = [config.reference_subject] if config.reference_subject else todo
+    for sid in candidates:
+        if sid not in rows:
+            raise ValueError(f"prep: reference_subject {sid!r} is not a valid subject of the manifest")
+        rec = client.submit(process_subject, rows[sid], store=str(store), index=index[sid],
+                            config=config.model_dump(mode="json"), reference=None, pure=False).result()
+        if "error" in rec:
+            failed[sid] = rec["error"]
+            log.warning("prep: %s", rec["error"])
+            continue
+        reference = {"subject_id": sid, "levels": config.histogram_landmarks, "channels": rec["landmarks"]}
+        st.set_reference_histogram(store, reference)
+        done.add(sid)
+        return reference
+    return None
+
+
+def _run(client, todo, rows, index, store, config, reference, failed, progress) -> None:
+    from distributed import as_completed
+    from tqdm import tqdm
+
+    cfg = config.model_dump(mode="json")
+    futures = [client.submit(process_subject, rows[sid], store=str(store), index=index[sid], config=cfg,
+                             reference=reference, key=f"prep-{sid}-{os.getpid()}", pure=False) for sid in todo]
+    bar = tqdm(total=len(futures), desc="prep", unit="subject", disable=not progress)
+    for future in as_completed(futures):
+        rec = future.result()
+        if "error" in rec:
+            failed[rec["subject_id"]] = rec["error"]
+            log.warning("prep: %s", rec["error"])
+        bar.update(1)
+        future.release()  # the driver keeps no subject data: memory stays flat in cohort size
+    bar.close()
+
+
+def finish(store: Path, *, failed: dict[str, str], valid: set[str]) -> None:
+    """Driver: table, QC table and failures.csv from what is on disk now."""
+    from data_prep import qc
+
+    st.assemble_table(store)
+    qc.qc_table(store)
+    rows = [{"subject_id": "" if k.startswith("manifest:") else k, "reason": v} for k, v in failed.items()]
+    pd.DataFrame(rows, columns=["subject_id", "reason"]).to_csv(store / "failures.csv", index=False)

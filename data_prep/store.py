@@ -1,0 +1,296 @@
+"""The preprocessed cohort store (Zarr v3): format owner, reader API and the writer primitives `prep` uses.
+
+Layout of STORE/ (a Zarr v3 group):
+  volumes  (subject, channel, z, y, x) float32|float16   brain, lesion  (subject, z, y, x) uint8
+  records/<sid>.json   written by the worker after its chunks; a subject is done only once its record exists
+  subjects.csv         the table (manifest columns + derived), assembled from the records by the driver
+  failures.csv, qc.csv, qc/<sid>.png
+Chunking: the default inner chunk is one channel's hemisphere (Z, Y, X/2), the read every 2D/3D sample
+starts from, so a hemisphere costs C chunk reads and a 64x64x32 crop one or two; a slice stack reads the
+same chunks. Each subject's block is one shard, so no chunk or shard spans two subjects and Dask workers never
+write into the same file. Codec and chunking are config (PrepConfig.codec, chunk_zyx); bench/bench_store.py
+measures them against nibabel and a raw .npy memmap.
+The reader opens lazily and re-opens after fork, and pickles as a path, so DataLoader workers (fork or spawn)
+each get their own handle.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import zarr
+import zarr.codecs
+
+from data_prep.config import PrepConfig
+
+SCHEMA_VERSION = 1
+MARKER = "stroke_tss_store"
+LESION_FLAG_MIN_ML = 0.1  # a hemisphere counts as lesioned above this; below it is resampling spill-over
+_VERSIONED = ("numpy", "zarr", "SimpleITK", "nibabel", "nilearn", "dask", "distributed", "stroke-tss")
+
+
+class StoreError(ValueError):
+    """The path is not a store of ours, or the store does not match the request."""
+
+
+def grid_affine(config: PrepConfig) -> np.ndarray:
+    """4x4 RAS affine of the common grid, indices in NIfTI order (x, y, z); x = 0 between two columns."""
+    nx, ny, nz = config.shape
+    sp = config.spacing_mm
+    cy, cz = config.center_mm
+    aff = np.diag([sp, sp, sp, 1.0])
+    aff[:3, 3] = [-(nx - 1) / 2 * sp, cy - (ny - 1) / 2 * sp, cz - (nz - 1) / 2 * sp]
+    return aff
+
+
+class Store:
+    """Read-only view of a store: `open_store(path)`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._pid: int | None = None
+        self._group = None
+        self._table: pd.DataFrame | None = None
+        self._index: dict[str, int] | None = None
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"])
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r})"
+
+    @property
+    def group(self):
+        if self._group is None or self._pid != os.getpid():
+            self._group = zarr.open_group(self.path, mode="r")
+            self._arrays = {name: self._group[name] for name in ("volumes", "brain", "lesion")}
+            self._pid = os.getpid()
+        return self._group
+
+    @property
+    def attrs(self) -> dict:
+        return dict(self.group.attrs)
+
+    @property
+    def channels(self) -> list[str]:
+        return list(self.attrs["channels"])
+
+    @property
+    def affine(self) -> np.ndarray:
+        return np.asarray(self.attrs["affine"], dtype=np.float64)
+
+    @property
+    def table(self) -> pd.DataFrame:
+        if self._table is None:
+            self._table = read_table(self.path)
+        return self._table
+
+    @property
+    def subject_ids(self) -> list[str]:
+        return list(self.table["subject_id"])
+
+    def _row(self, sid: str) -> int:
+        if self._index is None:
+            self._index = dict(zip(self.table["subject_id"], self.table["index"].astype(int)))
+        if sid not in self._index:
+            raise KeyError(f"subject {sid!r} is not in store {self.path}")
+        return self._index[sid]
+
+    def _array(self, name: str):
+        self.group  # noqa: B018  (opens or re-opens after fork)
+        return self._arrays[name]
+
+    def volume(self, sid: str) -> np.ndarray:
+        """All channels, float32 (channel, z, y, x)."""
+        return np.asarray(self._array("volumes")[self._row(sid)], dtype=np.float32)
+
+    def hemisphere(self, sid: str, side: str) -> np.ndarray:
+        """(channel, z, y, x/2); left = low RAS x; the right half is flipped along x onto the left."""
+        half = self._array("volumes").shape[-1] // 2
+        arr = self._array("volumes")
+        if side == "left":
+            return np.asarray(arr[self._row(sid), :, :, :, :half], dtype=np.float32)
+        if side == "right":
+            return np.ascontiguousarray(np.asarray(arr[self._row(sid), :, :, :, half:], dtype=np.float32)[..., ::-1])
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+
+    def brain(self, sid: str) -> np.ndarray:
+        return np.asarray(self._array("brain")[self._row(sid)], dtype=np.uint8)
+
+    def lesion(self, sid: str) -> np.ndarray | None:
+        row = self.table.loc[self.table["subject_id"] == sid]
+        if not row.empty and not bool(row["has_lesion_mask"].iloc[0]):
+            return None
+        return np.asarray(self._array("lesion")[self._row(sid)], dtype=np.uint8)
+
+
+def open_store(path: str | Path) -> Store:
+    """Open a store for reading; raises StoreError naming the path when it is not one of ours."""
+    check_is_store(path)
+    return Store(path)
+
+
+def check_is_store(path: str | Path) -> dict:
+    path = Path(path)
+    meta = path / "zarr.json"
+    if not meta.is_file():
+        raise StoreError(f"{path}: not a stroke-tss store (no zarr.json); build one with `stroke-tss prep`")
+    attrs = json.loads(meta.read_text()).get("attributes", {})
+    if attrs.get(MARKER) is None:
+        raise StoreError(f"{path}: a Zarr group but not a stroke-tss store (attribute {MARKER!r} missing)")
+    if attrs[MARKER] > SCHEMA_VERSION:
+        raise StoreError(f"{path}: store schema {attrs[MARKER]} is newer than this package's {SCHEMA_VERSION}")
+    return attrs
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    table = Path(path) / "subjects.csv"
+    if not table.is_file():
+        return pd.DataFrame({"subject_id": pd.Series(dtype=str), "index": pd.Series(dtype=int),
+                             "has_lesion_mask": pd.Series(dtype=bool)})
+    return pd.read_csv(table, dtype={"subject_id": str, "site": str, "sex": str, "stroke_side": str})
+
+
+# --- writer primitives (driver: create/extend/assemble; worker: write_subject + write_record) ---------------
+
+
+def _compressors(config: PrepConfig):
+    if config.codec == "none":
+        return None
+    if config.codec == "zstd":
+        return [zarr.codecs.ZstdCodec(level=config.codec_level)]
+    cname = config.codec.split("-", 1)[1]
+    return [zarr.codecs.BloscCodec(cname=cname, clevel=min(config.codec_level, 9), shuffle="shuffle")]
+
+
+def _layout(config: PrepConfig, *, channels: bool) -> tuple[tuple, tuple | None]:
+    nx, ny, nz = config.shape
+    block = (nz, ny, nx)
+    inner = config.chunk_zyx or (nz, ny, nx // 2)
+    inner = tuple(min(i, b) for i, b in zip(inner, block))
+    lead = (1, 1) if channels else (1,)
+    shard_lead = (1, len(config.channels)) if channels else (1,)
+    if all(b % i == 0 for b, i in zip(block, inner)):
+        return lead + inner, shard_lead + block
+    return lead + inner, None  # chunks that do not tile the block: plain chunks, still one subject each
+
+
+def package_versions() -> dict[str, str | None]:
+    out = {}
+    for name in _VERSIONED:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def create_or_extend(path: str | Path, *, config: PrepConfig, subject_ids: list[str]) -> dict[str, int]:
+    """Driver only. Create the store (or check an existing one was built with `config`) and give every
+    subject a fixed row; returns subject_id -> row. Rows follow first appearance, so a re-run matches."""
+    path = Path(path)
+    if path.exists() and not (path / "zarr.json").exists() and any(path.iterdir()):
+        raise StoreError(f"{path}: exists and is not a stroke-tss store; choose a new or empty path")
+    if (path / "zarr.json").exists():
+        attrs = check_is_store(path)
+        if attrs.get("config_hash") != config.config_hash():
+            raise StoreError(f"{path}: store was built with another preprocessing config "
+                             f"(hash {attrs.get('config_hash')} != {config.config_hash()}); "
+                             "use a new store path or the store's own config (attrs 'prep_config')")
+        group = zarr.open_group(path, mode="r+")
+    else:
+        group = _create(path, config)
+    index = dict(group.attrs.get("subject_index", {}))
+    for sid in subject_ids:
+        if sid not in index:
+            index[sid] = len(index)
+    num = max(len(index), 1)
+    for name in ("volumes", "brain", "lesion"):
+        arr = group[name]
+        if arr.shape[0] < num:
+            arr.resize((num, *arr.shape[1:]))
+    group.attrs["subject_index"] = index
+    return index
+
+
+def _create(path: Path, config: PrepConfig):
+    group = zarr.open_group(path, mode="w-", zarr_format=3)
+    nx, ny, nz = config.shape
+    chunks, shards = _layout(config, channels=True)
+    group.create_array("volumes", shape=(1, len(config.channels), nz, ny, nx), dtype=config.dtype,
+                       chunks=chunks, shards=shards, compressors=_compressors(config), fill_value=0,
+                       dimension_names=("subject", "channel", "z", "y", "x"))
+    chunks, shards = _layout(config, channels=False)
+    for name in ("brain", "lesion"):
+        group.create_array(name, shape=(1, nz, ny, nx), dtype="uint8", chunks=chunks, shards=shards,
+                           compressors=[zarr.codecs.ZstdCodec(level=1)], fill_value=0,
+                           dimension_names=("subject", "z", "y", "x"))
+    group.attrs.update({
+        MARKER: SCHEMA_VERSION,
+        "affine": grid_affine(config).tolist(),
+        "channels": list(config.channels),
+        "spacing_mm": config.spacing_mm,
+        "shape_xyz": list(config.shape),
+        "prep_config": config.model_dump(mode="json"),
+        "config_hash": config.config_hash(),
+        "package_versions": package_versions(),
+        "subject_index": {},
+        "reference_histogram": None,
+    })
+    (path / "records").mkdir(exist_ok=True)
+    return group
+
+
+def set_reference_histogram(path: str | Path, reference: dict) -> None:
+    """Driver only: {'subject_id', 'levels', 'channels': {name: quantiles}} reused by later runs and predict."""
+    zarr.open_group(path, mode="r+").attrs["reference_histogram"] = reference
+
+
+def write_subject(path: str | Path, row: int, *, volume: np.ndarray, brain: np.ndarray,
+                  lesion: np.ndarray | None) -> None:
+    """Worker: write one subject's block (whole shards, so concurrent subjects never share a file)."""
+    group = zarr.open_group(path, mode="r+")
+    vol = group["volumes"]
+    vol[row] = volume.astype(vol.dtype)
+    group["brain"][row] = brain.astype(np.uint8)
+    group["lesion"][row] = np.zeros_like(brain, np.uint8) if lesion is None else lesion.astype(np.uint8)
+
+
+def write_record(path: str | Path, record: dict) -> None:
+    """Worker, after write_subject: the record marks the subject done (atomic rename)."""
+    out = Path(path) / "records" / f"{record['subject_id']}.json"
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, default=_json_default))
+    os.replace(tmp, out)
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot store {type(value).__name__} in a subject record")
+
+
+def done_subjects(path: str | Path) -> set[str]:
+    records = Path(path) / "records"
+    return {p.stem for p in records.glob("*.json")} if records.is_dir() else set()
+
+
+def assemble_table(path: str | Path) -> pd.DataFrame:
+    """Driver: the subjects table from all records (row order = store row), written to subjects.csv."""
+    path = Path(path)
+    rows = [json.loads(p.read_text()) for p in sorted((path / "records").glob("*.json"))]
+    table = pd.DataFrame([{k: v for k, v in r.items() if k not in ("qc", "landmarks")} for r in rows])
+    if not table.empty:
+        table = table.sort_values("index").reset_index(drop=True)
+    table.to_csv(path / "subjects.csv", index=False)
+    return table
