@@ -1,47 +1,115 @@
-"""Preemption: a signal handler that only sets a flag, and `requested()` that all ranks agree on.
+"""Preemption as a flag: the signal handler only records it; the training loop acts at a step boundary.
 
-Minimal version written by the training work (the launch work may extend it): USR2 by default, since
-NCCL may use USR1. The loop polls `requested()` at step boundaries; when any rank saw the signal, every
-rank returns True at the same step, so all save (ZeRO shards live on every rank).
+    install()                      # at task start (CheckpointableTask does it)
+    for step in ...:
+        ...
+        if requested():            # every rank calls it: they agree through an all_reduce
+            save_checkpoint()      # every rank saves (ZeRO shards live on every rank)
+            raise Preempted()      # CheckpointableTask then requeues (rank 0) and exits
+
+submitit's own handler requeues and exits inside the signal handler, before anything is saved; `install`
+moves it aside and calls it only in `requeue_and_exit`, where its countdown of timeouts still applies.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
+import subprocess
+import sys
+from typing import Any, NoReturn
 
-_flag = False
+log = logging.getLogger(__name__)
+
+_flag = {"signum": None}
+_submitit_handler: dict[str, Any] = {"handler": None}
 
 
-def _handler(signum, frame) -> None:
-    global _flag
-    _flag = True
+class Preempted(RuntimeError):  # noqa: N818 (a state, not an error)
+    """Raised by a loop after every rank saved, to end the task so that it can be requeued."""
 
 
-def install(signals: tuple[int, ...] = (signal.SIGUSR2,)) -> None:
-    """Route the given signals to the flag (call once per process, from the main thread)."""
-    for sig in signals:
-        signal.signal(sig, _handler)
+def signal_number(name: str | None = None) -> signal.Signals:
+    """The preemption signal: `name`, else $SUBMITIT_PREEMPT_SIGNAL, else USR2."""
+    name = (name or os.environ.get("SUBMITIT_PREEMPT_SIGNAL") or "USR2").upper().removeprefix("SIG")
+    try:
+        return signal.Signals[f"SIG{name}"]
+    except KeyError:
+        raise ValueError(f"preemption signal {name!r} does not exist; use USR1 or USR2") from None
+
+
+def install(name: str | None = None) -> signal.Signals:
+    """Route the preemption signal to the flag; keeps submitit's handler (if any) for the requeue."""
+    sig = signal_number(name)
+    previous = signal.getsignal(sig)
+    owner = getattr(previous, "__self__", None)
+    if owner is not None and type(owner).__module__.startswith("submitit"):
+        _submitit_handler["handler"] = previous
+    signal.signal(sig, _on_signal)
+    _flag["signum"] = None
+    return sig
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    # Only record: saving here could interrupt an optimizer step or a collective half-way.
+    _flag["signum"] = signum
+    log.warning("received %s: will save and requeue at the next step boundary", signal.Signals(signum).name)
 
 
 def request() -> None:
-    """Set the flag by hand (tests, or a wall-clock budget about to run out)."""
-    global _flag
-    _flag = True
+    """Ask for a save-and-requeue as if the signal had arrived (tests, or a caller's own policy)."""
+    _flag["signum"] = int(signal_number())
 
 
 def clear() -> None:
-    global _flag
-    _flag = False
+    _flag["signum"] = None
 
 
-def requested() -> bool:
-    """True on every rank when any rank has been asked to stop (a collective under torch.distributed)."""
-    import torch
+def requested(*, sync: bool = True) -> bool:
+    """True when this rank (or, with sync under torch.distributed, any rank) got the signal.
+
+    With sync every rank must call it at the same step, since it is a collective.
+    """
+    local = _flag["signum"] is not None
+    if not sync:
+        return local
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return _flag
+        return local
+    import torch
+
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([1.0 if _flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def requeue_and_exit(*, rank: int | None = None) -> NoReturn:
+    """Rank 0 requeues the job (through submitit when it started us, else `scontrol requeue`); all exit.
+
+    Ends the process without a result, so the requeued run delivers it.
+    """
+    if rank is None:
+        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    if rank != 0:
+        log.info("rank %d: leaving for the requeue", rank)
+        sys.exit(0)
+    signum = _flag["signum"] or int(signal_number())
+    handler = _submitit_handler["handler"]
+    if handler is not None:
+        handler(signum, None)  # checkpoint(), countdown of timeouts, requeue, sys.exit
+        sys.exit(-1)  # not reached: submitit exits or raises
+    job_id = _slurm_job_id()
+    if job_id is None:
+        raise RuntimeError("preempted outside Slurm and submitit: nothing can requeue this run; rerun it")
+    log.warning("requeueing Slurm job %s", job_id)
+    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
+    sys.exit(0)
+
+
+def _slurm_job_id() -> str | None:
+    if "SLURM_ARRAY_JOB_ID" in os.environ and "SLURM_ARRAY_TASK_ID" in os.environ:
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
