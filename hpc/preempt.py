@@ -71,7 +71,7 @@ def requested(*, sync: bool = True) -> bool:
 
     With sync every rank must call it at the same step, since it is a collective.
     """
-    local = _flag["signum"] is not None
+    local = _flag["signum"] is not None or _file_requested()
     if not sync:
         return local
     import torch.distributed as dist
@@ -84,6 +84,13 @@ def requested(*, sync: bool = True) -> bool:
     flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
+
+
+def _file_requested() -> bool:
+    # Under srun+torchrun the signal reaches torchrun, which does not forward USR2; the sbatch templates
+    # trap it in the batch shell and touch this file (on a filesystem every node sees) instead.
+    path = os.environ.get("STROKE_TSS_PREEMPT_FILE")
+    return bool(path) and os.path.exists(path)
 
 
 def requeue_and_exit(*, rank: int | None = None) -> NoReturn:

@@ -67,10 +67,17 @@ def test_preempt_signal_only_sets_the_flag():
         assert preempt.requested() and preempt.requested(sync=False)
         preempt.clear()
         assert not preempt.requested()
+        flag_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"preempt-test-{os.getpid()}"
+        os.environ["STROKE_TSS_PREEMPT_FILE"] = str(flag_file)
+        assert not preempt.requested()
+        flag_file.touch()  # what the sbatch templates' USR2 trap does
+        assert preempt.requested()
+        flag_file.unlink()
         with pytest.raises(ValueError, match="USR3"):
             preempt.signal_number("USR3")
     finally:
         signal.signal(signal.SIGUSR2, old)
+        os.environ.pop("STROKE_TSS_PREEMPT_FILE", None)
         preempt.clear()
 
 

@@ -1,0 +1,55 @@
+"""Every sbatch template in slurm/ runs on the local Slurm with 2 ranks on 1 node (CPU, gloo), with its
+command swapped for `python -m hpc.selftest` through STROKE_TSS_CMD, and the ranks agree."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slurm, pytest.mark.integration, pytest.mark.timeout(240)]
+
+REPO = Path(__file__).resolve().parents[1]
+# (template, sbatch options for 2 ranks on the one local node, launcher the ranks must report, outputs)
+CASES = {
+    "ddp_multinode": (["--ntasks-per-node=1", "--cpus-per-task=2"], "srun+torchrun", ["ddp_multinode"]),
+    "deepspeed": (["--ntasks-per-node=2", "--cpus-per-task=1"], "slurm", ["deepspeed"]),
+    "fold_array": (["--array=0-1", "--ntasks-per-node=2", "--cpus-per-task=1"], "slurm", ["fold-0", "fold-1"]),
+    "prep": (["--ntasks-per-node=2", "--cpus-per-task=1"], "slurm", ["prep"]),
+}
+# What a user edits for their cluster: no GPUs, partition, account or memory request on the test node.
+EDITED = re.compile(r"^#SBATCH --(partition|account|gpus-per-node|mem|array)\b.*\n", re.MULTILINE)
+
+
+def _edited_copy(name: str, folder: Path) -> Path:
+    text = (REPO / "slurm" / f"{name}.sbatch").read_text()
+    assert "EDIT ME" in text and "$STROKE_TSS_CMD" in text, f"{name}.sbatch lost its header or its command hook"
+    path = folder / f"{name}.sbatch"
+    path.write_text(EDITED.sub("", text))
+    return path
+
+
+def test_every_template_runs_two_agreeing_ranks(slurm_cluster, tmp_path):
+    assert sorted(p.stem for p in (REPO / "slurm").glob("*.sbatch")) == sorted(CASES), "a template has no test case"
+    procs = {}
+    for name, (options, _, _) in CASES.items():
+        out = "fold-{fold}" if name == "fold_array" else name
+        env = dict(os.environ, STROKE_TSS_VENV=sys.prefix, NPROC_PER_NODE="2",
+                   STROKE_TSS_CMD=f"python -m hpc.selftest --out {tmp_path}/{out}.json")
+        cmd = ["sbatch", "--wait", "--partition=debug", "--nodes=1", "--time=5",
+               f"--output={tmp_path}/{name}-%j.log", *options, str(_edited_copy(name, tmp_path))]
+        procs[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for name, proc in procs.items():
+        output, _ = proc.communicate(timeout=200)
+        logs = "".join(p.read_text() for p in tmp_path.glob(f"{name}-*.log"))
+        assert proc.returncode == 0, f"{name}.sbatch failed: {output}\n{logs}"
+        _, launcher, outputs = CASES[name]
+        for out in outputs:
+            summary = json.loads((tmp_path / f"{out}.json").read_text())
+            assert summary["ok"] and summary["world_size"] == 2 and summary["sum"] == 3.0, (name, summary)
+            assert summary["launcher"] == launcher and summary["backend"] == "gloo", (name, summary)
