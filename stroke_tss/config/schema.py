@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from hpc.launch_config import LaunchConfig
 from stroke_tss.config.base import Section
 from stroke_tss.config.training import (
     EngineSection,
@@ -60,3 +61,5 @@ class Config(Section):
     """Variant name -> overrides of this config (nested keys), e.g. 2d_scratch: {phases: {tss3h: {init: random}}}."""
     genesis: GenesisSection = Field(default_factory=GenesisSection)
     engine: EngineSection = Field(default_factory=EngineSection)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    """Where folds, sweeps and pretraining run (slurm job array, local processes, or in-process)."""

@@ -1,6 +1,6 @@
 """Self-weighted slice-wise attention (the paper's 2D model) on a ResNet-18 backbone (MONAI, no torchvision).
 
-Input: one hemisphere, (batch, channels, slices, H, W), any H, W >= 32 (224x112 gives 512x7x4 at stage 4).
+Input: one hemisphere, (batch, channels, slices, H, W), any H, W >= 17 with the gate on stage 3 (224x112 gives 512x7x4 at stage 4).
 Every slice goes through the backbone at once (slices folded into the batch, shared weights). A grid
 attention gate on one stage, gated by the stage-4 output, and the stage-4 output itself are average-pooled
 and concatenated into one logit per slice. Learnable per-slice weights in [0, 1] sum the slice logits.
@@ -89,8 +89,11 @@ class SliceWise2D(nn.Module):
         if num_slices != self.slice_weights.numel():
             raise ValueError(f"input has {num_slices} slices but the model was built with "
                              f"num_slices={self.slice_weights.numel()}; rebuild with the store's slice count")
-        if min(height, width) < 32:
-            raise ValueError(f"slices must be at least 32x32 for ResNet-18's strides, got {height}x{width}")
+        # the gate's 2x2 stride-2 theta needs a 2x2 map at the gated stage, which is the input / 2**(stage+1)
+        smallest = 2 ** (self.init_args["gate_stage"] + 1) + 1
+        if min(height, width) < smallest:
+            raise ValueError(f"slices must be at least {smallest}x{smallest} for an attention gate on stage "
+                             f"{self.init_args['gate_stage']}, got {height}x{width}")
         slices = neighbour_stack(x, self.init_args["adjacent_slices"]).flatten(0, 1)
         features = self.stages(slices)
         gated, attention = self.gate(features[self.init_args["gate_stage"] - 1], features[3])

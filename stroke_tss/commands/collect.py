@@ -1,0 +1,20 @@
+"""Gather a run folder's finished folds into RUN/summary.json (after `cv --no-wait`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", type=Path, help="run folder written by `stroke-tss cv`")
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples for the CIs")
+
+
+def main(args: argparse.Namespace) -> int:
+    from stroke_tss.summary import format_summary, summarize, write_summary
+
+    path = write_summary(args.run, num_resamples=args.resamples)
+    print(format_summary(summarize(args.run, num_resamples=args.resamples)))
+    print(f"summary: {path}")
+    return 0
