@@ -20,6 +20,7 @@ VERBS: dict[str, str] = {
     "prep": "Validate a manifest and preprocess it into a chunked Zarr store (Dask).",
     "pretrain": "Models Genesis self-supervised pretraining, once per run, into RUN/genesis/.",
     "train": "Run one fold's phase schedule for each (or one) variant.",
+    "adapt": "Search the freezing depth of a transferred model (depths as one array), then train at the best.",
     "cv": "Cross-validate: every fold x variant as one job array (Slurm, local processes or in-process).",
     "collect": "Gather a run folder's finished folds into RUN/summary.json (after cv --no-wait).",
     "sweep": "Sweep a hyperparameter grid: points x folds as one array, points ranked by validation AUC.",
