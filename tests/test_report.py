@@ -144,3 +144,39 @@ def test_report_readers_kappa_and_baselines_from_the_store(run, tmp_path):
     assert base.loc[("tss_lt_4h5", "logistic(flair_ratio)"), "auc"] > base.loc[("tss_lt_4h5", "logistic(lesion_volume_ml)"), "auc"]
     md = write_report([run], store=store.path, num_resamples=100).read_text()
     assert "Fleiss' kappa between readers" in md and "logistic(flair_ratio)" in md
+
+
+@pytest.mark.integration
+def test_report_on_a_trained_run_sets_2d_beside_2d_scratch(tmp_path):
+    """The demo's comparison on a run folder the trainer wrote: both variants, two folds, every phase."""
+    from stroke_tss.report.markdown import in_schedule_order
+    from stroke_tss.stats import delong_test
+    from tests.test_data import make_store
+
+    store, run = make_store(tmp_path / "store.zarr", num_subjects=16), tmp_path / "run"
+    for fold in (0, 1):
+        assert cli_main(["train", "configs/tss2d.yaml", "--fold", str(fold), f"data.store={store}", f"run.dir={run}",
+                         "model.options.base_channels=4", "train.num_workers=0", "train.threads=1", "cv.folds=2",
+                         "train.stopping.max_epochs=1", "train.stopping.min_epochs=1"]) == 0
+    assert cli_main(["report", str(run), "--resamples", "100"]) == 0
+    text = (run / "report.md").read_text()
+    pred = collect_predictions([run])
+    test = pred[(pred["phase"] == "tss4h5") & (pred["split"] == "test")]
+    keys = ["subject_id", "hemisphere"]  # bilateral strokes put both halves of a subject in the TSS tasks
+    wide = test.pivot_table(index=keys, columns="variant", values="probability")
+    y = test.drop_duplicates(keys).set_index(keys).loc[wide.index, "label"]
+    expected = delong_test(y, wide["2d"], wide["2d_scratch"])
+    row = f"| tss4h5 | tss_lt_4h5 | 2d | 2d_scratch | {len(wide)} | {expected['auc_1']:.4g} | " \
+          f"{expected['auc_2']:.4g} | {expected['p_value']:.4g} |"
+    assert row in text, text
+    csv = pd.read_csv(run / "report.csv")
+    for variant in ("2d", "2d_scratch"):
+        g = test[test["variant"] == variant]
+        auc = csv.query("level == 'hemisphere' and variant == @variant and phase == 'tss4h5'")["auc"].item()
+        assert auc == pytest.approx(roc_auc_score(g["label"], g["probability"]), abs=1e-12)
+    # phases in the schedule's order (lesion -> tss3h -> tss4h5 -> attention), not alphabetical
+    shown = in_schedule_order(csv[csv["level"] == "hemisphere"], ["lesion", "tss3h", "tss4h5", "attention"])
+    assert list(csv[csv["level"] == "hemisphere"]["phase"]) == list(shown["phase"])
+    assert list(shown["phase"][:4]) == ["lesion", "tss3h", "tss4h5", "attention"]
+    for phase in ("lesion", "tss3h", "tss4h5", "attention"):
+        assert mpimg.imread(run / f"learning_{phase}.png").ndim == 3

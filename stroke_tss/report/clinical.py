@@ -59,11 +59,16 @@ def lesion_features(store) -> pd.DataFrame:
     table = store.table.set_index("subject_id")
     rows = []
     flair = store.channels.index("flair") if "flair" in store.channels else None
+    voxel_ml = float(np.prod(np.broadcast_to(store.attrs["spacing_mm"], 3))) / 1000.0
     for sid in store.subject_ids:
         lesion = store.lesion(sid)
         if lesion is None or not lesion.any():
             continue
-        row = {"subject_id": sid, "lesion_volume_ml": float(table.loc[sid, "lesion_volume_ml"])}
+        # prep records the volume; stores written by other tools may not, and the mask on the grid says the same
+        volume_ml = table.loc[sid].get("lesion_volume_ml")
+        if volume_ml is None or pd.isna(volume_ml):
+            volume_ml = float((lesion > 0).sum()) * voxel_ml
+        row = {"subject_id": sid, "lesion_volume_ml": float(volume_ml)}
         if flair is not None:
             volume = store.volume(sid)[flair]
             row["flair_ratio"] = stats.lesion_flair_ratio(volume, lesion, store.brain(sid),

@@ -117,3 +117,11 @@ def store_path(runs: list[str | Path]) -> Path | None:
         if store:
             return Path(store)
     return None
+
+
+def schedule_order(runs: list[str | Path]) -> list[str]:
+    """Phase names in the order the runs' config.yaml schedules them (first run first), for tables and plots."""
+    order: list[str] = []
+    for run in runs:
+        order += [p for p in (run_config(run).get("phases") or {}) if p not in order]
+    return order

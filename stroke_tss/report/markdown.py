@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from stroke_tss.report import clinical, plots
-from stroke_tss.report.collect import collect_logs, collect_predictions, store_path
+from stroke_tss.report.collect import collect_logs, collect_predictions, schedule_order, store_path
 from stroke_tss.report.tables import (
     LEVELS,
     delong_table,
@@ -39,6 +39,16 @@ def md_table(df: pd.DataFrame, columns: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
+def in_schedule_order(df: pd.DataFrame, order: list[str]) -> pd.DataFrame:
+    """Rows by run, variant, then phase as the schedule runs them (unknown phases after, by name)."""
+    if df.empty:
+        return df
+    rank = {p: i for i, p in enumerate(order)}
+    keys = [k for k in ("run", "variant") if k in df.columns]
+    ranked = df.assign(_rank=df["phase"].map(lambda p: rank.get(p, len(rank))), _name=df["phase"])
+    return ranked.sort_values([*keys, "_rank", "_name"], kind="stable").drop(columns=["_rank", "_name"])
+
+
 def _table2_md(t: pd.DataFrame) -> str:
     multi = t["run"].nunique() > 1
     cols = {"model": lambda r: f"{r['run']}/{r['variant']}" if multi else r["variant"],
@@ -56,7 +66,9 @@ def write_report(runs: list[str | Path], *, out_dir: str | Path | None = None, s
     out = Path(out_dir) if out_dir is not None else runs[0]
     out.mkdir(parents=True, exist_ok=True)
     pred = collect_predictions(runs)
-    tables = [table2(pred, level=level, num_resamples=num_resamples, seed=seed) for level in LEVELS]
+    order = schedule_order(runs)
+    tables = [in_schedule_order(table2(pred, level=level, num_resamples=num_resamples, seed=seed), order)
+              for level in LEVELS]
     both = pd.concat(tables, ignore_index=True)
     both.to_csv(out / "report.csv", index=False)
 
@@ -75,17 +87,17 @@ def write_report(runs: list[str | Path], *, out_dir: str | Path | None = None, s
     logs = collect_logs(runs)
     if not logs.empty:
         md += ["## Learning curves", ""]
-        for phase in sorted(logs["phase"].unique()):
+        for phase in in_schedule_order(logs[["phase"]].drop_duplicates(), order)["phase"]:
             png = plots.learning_curves(logs, out / f"learning_{phase}.png", phase=phase)
             if png is not None:
                 md += [f"![learning curves {phase}]({png.name})", ""]
 
-    dl = delong_table(pred, level="hemisphere")
+    dl = in_schedule_order(delong_table(pred, level="hemisphere"), order)
     md += ["## Model comparison (DeLong, hemisphere level)", ""]
     md += [md_table(dl, {"phase": "phase", "task": "task", "A": "model_a", "B": "model_b", "n": "n",
                          "AUC A": "auc_1", "AUC B": "auc_2", "p": "p_value"}) if not dl.empty
            else "(fewer than two models share test samples)", ""]
-    sas = sensitivity_at_specificity_table(pred, specificity=specificity)
+    sas = in_schedule_order(sensitivity_at_specificity_table(pred, specificity=specificity), order)
     md += [f"## Sensitivity at specificity >= {specificity:g} (hemisphere level)", "",
            md_table(sas, {"model": "variant", "phase": "phase", "task": "task", "sensitivity": "sensitivity",
                           "threshold": "threshold"}), ""]

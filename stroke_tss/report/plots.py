@@ -13,7 +13,13 @@ import pandas as pd  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
-_NOT_CURVES = {"run", "variant", "fold", "phase", "epoch", "step", "time", "seconds", "lr", "wall_s"}
+# What a learning curve shows: losses and ranking/threshold metrics. log.jsonl also holds bookkeeping
+# (steps, best_epoch, train_seconds, ...) that would only crowd the figure.
+_METRICS = {"auc", "accuracy", "sensitivity", "specificity", "f1", "ap", "brier", "ppv", "npv"}
+
+
+def _is_curve(name: str) -> bool:
+    return name.endswith("loss") or name.rsplit("_", 1)[-1] in _METRICS
 
 
 def _models(test: pd.DataFrame):
@@ -56,8 +62,7 @@ def learning_curves(logs: pd.DataFrame, path: str | Path, *, phase: str) -> Path
     x = "epoch" if "epoch" in g.columns else "step"
     if g.empty or x not in g.columns:
         return None
-    curves = [c for c in g.columns if c not in _NOT_CURVES and pd.api.types.is_numeric_dtype(g[c])
-              and g[c].notna().any()]
+    curves = [c for c in g.columns if _is_curve(c) and pd.api.types.is_numeric_dtype(g[c]) and g[c].notna().any()]
     if not curves:
         return None
     multi = g["run"].nunique() > 1
@@ -65,7 +70,9 @@ def learning_curves(logs: pd.DataFrame, path: str | Path, *, phase: str) -> Path
     for ax, name in zip(axes[0], curves):
         for (run, variant, fold), line in g.groupby(["run", "variant", "fold"], sort=True):
             line = line.dropna(subset=[name])
-            ax.plot(line[x], line[name], lw=1, label=f"{run + '/' if multi else ''}{variant} fold {fold}")
+            # markers: a run stopped after one epoch still shows its point
+            ax.plot(line[x], line[name], lw=1, marker="o", ms=2.5,
+                    label=f"{run + '/' if multi else ''}{variant} fold {fold}")
         ax.set(xlabel=x, title=name)
     axes[0][0].legend(fontsize=6)
     fig.suptitle(f"Learning curves: {phase}")

@@ -77,7 +77,8 @@ def pooled_test(pred: pd.DataFrame) -> pd.DataFrame:
 def delong_table(pred: pd.DataFrame, *, level: str = "hemisphere") -> pd.DataFrame:
     """DeLong test between every two models (run/variant) on the same phase, task and test samples."""
     test = pooled_test(at_level(pred, level))
-    test = test.assign(model=test["run"] + "/" + test["variant"])
+    # run names only tell models apart when several runs are compared
+    test = test.assign(model=test["variant"] if test["run"].nunique() == 1 else test["run"] + "/" + test["variant"])
     rows = []
     for (phase, task), g in test.groupby(["phase", "task"], sort=False):
         wide = g.pivot_table(index=["subject_id", "hemisphere"], columns="model", values="probability")
