@@ -67,6 +67,8 @@ class TrainSection(Section):
     """torch threads per rank (null: leave torch's default)."""
     oversample: bool = False
     """Random oversampling of the minority class in each training epoch."""
+    oversample_by: Literal["label", "label_and_side"] = "label"
+    """What oversampling balances: the task label, or label x lesion side (the outcome model)."""
     intensity: Literal["zscore", "unit"] = "zscore"
     """Input scaling: store z-scores, or clipped to [-3, 3] and scaled to [0, 1] (as Models Genesis saw)."""
     augment: AugmentSection = Field(default_factory=AugmentSection)
@@ -82,13 +84,27 @@ class TrainSection(Section):
     """Cap on steps per epoch (debug-size runs)."""
 
 
+class AdaptSection(Section):
+    """The adaptive freezing-depth search of `freeze: auto` (Jung & Whangbo); w1 = w2 = 0.5 is our choice."""
+
+    epochs: int = Field(3, ge=1)
+    """Fine-tuning epochs per candidate depth."""
+    w1: float = Field(0.5, ge=0)
+    """Weight of the first epoch's validation BCE in f(theta)."""
+    w2: float = Field(0.5, ge=0)
+    """Weight of the mean validation BCE over the epochs in f(theta)."""
+
+
 class PhaseSection(Section):
     task: Task
     """Labels of this phase (see DESIGN.md: names)."""
     init: str = "random"
     """random | the name of an earlier phase | genesis | a weights file (natural/medical-image baselines)."""
-    freeze: list[str] = Field(default_factory=list)
-    """Parameter groups held fixed (stem, block1..block4, attention, slice_weights, head)."""
+    freeze: list[str] | Literal["auto"] = Field(default_factory=list)
+    """Parameter groups held fixed (stem, block1..block4, attention, slice_weights, head), or `auto`: search
+    the depth (none, stem, stem+block1, ...) by `adapt` and train at the chosen one."""
+    adapt: AdaptSection = Field(default_factory=AdaptSection)
+    """Settings of the depth search when freeze is `auto`."""
     train_only: list[str] | None = None
     """If set, only these groups train (the paper's attention phase); excludes `freeze`."""
     optimizer: OptimizerSection | None = None
