@@ -7,6 +7,7 @@ Variants are configs derived from the base (``variants: {name: overrides}``), so
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from torch import nn
 
 from stroke_tss.checkpoint import load_weights
 from stroke_tss.config import Config, dump_config, merge, validate
+from stroke_tss.config.training import PhaseSection
 from stroke_tss.data import StoreDataset, subject_strata, task_samples
 from stroke_tss.splits import fold_of, make_splits, write_splits_once
 from stroke_tss.train import train_phase
@@ -67,6 +69,10 @@ def build_phase_model(cfg: Config, *, init: str, phase_dirs: dict[str, Path], ru
     source = run_dir / "genesis" / "weights.pt" if init == "genesis" else Path(init)
     if init == "genesis" and not source.is_file():
         raise ValueError(f"init: genesis needs {source}; run `stroke-tss pretrain CONFIG` first")
+    own = _own_weights(source, cfg.model.name)
+    if own is not None:  # a phase of this package, e.g. `adapt --source RUN/.../weights.pt`
+        model.load_state_dict(own)
+        return model
     if cfg.model.name == "slicewise2d":
         load_torchvision_resnet18(model, source)
     else:
@@ -74,11 +80,51 @@ def build_phase_model(cfg: Config, *, init: str, phase_dirs: dict[str, Path], ru
     return model
 
 
+def _own_weights(path: Path, model_name: str) -> dict | None:
+    """The state dict of a stroke-tss weights.pt of the same model; None for any other file."""
+    if not path.is_file():
+        return None
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(data, dict) and data.get("model") == model_name and "state_dict" in data:
+        return data["state_dict"]
+    return None
+
+
+def phase_model(cfg: Config, phase: PhaseSection, *, phase_dirs: dict[str, Path], run_dir: Path,
+                frozen: list[str] | None = None) -> nn.Module:
+    """The phase's model, initialised and seeded, with `frozen` (default: the phase's own groups) held fixed."""
+    from stroke_tss.models import freeze, train_only
+
+    torch.manual_seed(cfg.seed)
+    model = build_phase_model(cfg, init=phase.init, phase_dirs=phase_dirs, run_dir=run_dir)
+    if phase.train_only is not None:
+        train_only(model, phase.train_only)
+    else:
+        freeze(model, phase.freeze if frozen is None else frozen)
+    return model
+
+
+def phase_datasets(cfg: Config, phase: PhaseSection, subjects: dict[str, list[str]], *, table,
+                   where: str) -> dict[str, StoreDataset]:
+    """train/val/test datasets of the phase's task over one fold's subjects (train ones augmented)."""
+    datasets = {}
+    for split in ("train", "val", "test"):
+        samples, skipped = task_samples(table, phase.task, subjects[split])
+        if skipped:
+            log.info("%s %s: %d subjects without a %s label skipped", where, split, skipped, phase.task)
+        augment = cfg.train.augment.model_dump(exclude_defaults=True) if split == "train" else None
+        datasets[split] = StoreDataset(cfg.data.store, samples, channels=cfg.data.channels,
+                                       intensity=cfg.train.intensity, augment=augment, seed=cfg.seed)
+    if not len(datasets["train"]) or not len(datasets["val"]):
+        raise ValueError(f"{where}: no {phase.task} samples in train or val; use more subjects or fewer folds")
+    return datasets
+
+
 def run_fold(cfg: Config, *, fold: int, variants: list[str] | None = None) -> dict[str, dict]:
     """Run fold ``fold``'s phases for each variant (default: all) into RUN/<variant>/fold-<k>/<phase>/."""
     import torch.distributed as dist
 
-    from stroke_tss.models import freeze, train_only
+    from data_prep.store import open_store
 
     run_dir = Path(cfg.run.dir)
     main = not dist.is_initialized() or dist.get_rank() == 0
@@ -89,34 +135,24 @@ def run_fold(cfg: Config, *, fold: int, variants: list[str] | None = None) -> di
         fold_dir = run_dir / name / f"fold-{fold}"
         if main:
             dump_config(vcfg, fold_dir / "config.yaml")
-        from data_prep.store import open_store
-
         table = open_store(vcfg.data.store).table
         phase_dirs: dict[str, Path] = {}
         for phase_name, phase in vcfg.phases.items():
             if phase.init not in ("random", "genesis") and phase.init not in phase_dirs and phase.init in vcfg.phases:
                 raise ValueError(f"phase {phase_name}: init {phase.init!r} names a phase that does not run before it")
-            torch.manual_seed(vcfg.seed)
-            model = build_phase_model(vcfg, init=phase.init, phase_dirs=phase_dirs, run_dir=run_dir)
-            if phase.train_only is not None:
-                train_only(model, phase.train_only)
-            else:
-                freeze(model, phase.freeze)
-            datasets = {}
-            for split in ("train", "val", "test"):
-                samples, skipped = task_samples(table, phase.task, subjects[split])
-                if skipped:
-                    log.info("%s/%s %s: %d subjects without a %s label skipped", name, phase_name, split, skipped,
-                             phase.task)
-                augment = vcfg.train.augment.model_dump(exclude_defaults=True) if split == "train" else None
-                datasets[split] = StoreDataset(vcfg.data.store, samples, channels=vcfg.data.channels,
-                                               intensity=vcfg.train.intensity, augment=augment, seed=vcfg.seed)
-            if not len(datasets["train"]) or not len(datasets["val"]):
-                raise ValueError(f"variant {name}, phase {phase_name}: fold {fold} has no {phase.task} samples in "
-                                 "train or val; use more subjects or fewer folds")
+            datasets = phase_datasets(vcfg, phase, subjects, table=table,
+                                      where=f"variant {name}, phase {phase_name}, fold {fold}")
             out = fold_dir / phase_name
-            results[f"{name}/{phase_name}"] = train_phase(
-                model, datasets, out, task=phase.task, train=vcfg.train, engine=vcfg.engine,
-                optimizer=phase.optimizer, stopping=phase.stopping, seed=vcfg.seed)
+            if phase.freeze == "auto":
+                from stroke_tss.adaptive import adapt_phase
+
+                build = partial(phase_model, vcfg, phase, phase_dirs=dict(phase_dirs), run_dir=run_dir, frozen=[])
+                results[f"{name}/{phase_name}"] = adapt_phase(vcfg, phase, build=build, datasets=datasets,
+                                                              out_dir=out, is_main=main)
+            else:
+                model = phase_model(vcfg, phase, phase_dirs=phase_dirs, run_dir=run_dir)
+                results[f"{name}/{phase_name}"] = train_phase(
+                    model, datasets, out, task=phase.task, train=vcfg.train, engine=vcfg.engine,
+                    optimizer=phase.optimizer, stopping=phase.stopping, seed=vcfg.seed)
             phase_dirs[phase_name] = out
     return results
