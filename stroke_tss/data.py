@@ -30,6 +30,7 @@ class Sample:
     subject_id: str
     hemisphere: str  # left | right | both (whole volume)
     label: int
+    side: str = "unknown"  # the subject's lesion side (left | right | bilateral | none): an oversampling stratum
 
 
 def _flag(value) -> bool | None:
@@ -64,14 +65,14 @@ def task_samples(table: pd.DataFrame, task: str, subject_ids: Sequence[str] | No
     samples, skipped = [], 0
     for sid in ids:
         row = rows.loc[sid]
+        sides = _lesion_sides(row)
         if task == "mrs_gt_2":
             mrs = pd.to_numeric(row.get("mrs_90d"), errors="coerce")
             if pd.isna(mrs):
                 skipped += 1
                 continue
-            samples.append(Sample(sid, "both", int(mrs > 2)))
+            samples.append(Sample(sid, "both", int(mrs > 2), _side_name(sides)))
             continue
-        sides = _lesion_sides(row)
         if sides is None:
             skipped += 1
             continue
@@ -85,6 +86,13 @@ def task_samples(table: pd.DataFrame, task: str, subject_ids: Sequence[str] | No
             continue
         samples += [Sample(sid, s, int(onset < _TSS_LIMIT_MIN[task])) for s in lesion_halves]
     return samples, skipped
+
+
+def _side_name(sides: dict[str, bool] | None) -> str:
+    if sides is None:
+        return "unknown"
+    return {(True, True): "bilateral", (True, False): "left", (False, True): "right"}.get(
+        (sides["left"], sides["right"]), "none")
 
 
 def subject_strata(table: pd.DataFrame, task: str) -> list[str]:
@@ -144,6 +152,15 @@ class StoreDataset(Dataset):
     @property
     def labels(self) -> np.ndarray:
         return np.array([s.label for s in self.samples], dtype=np.int64)
+
+    def oversample_classes(self, by: str = "label") -> np.ndarray:
+        """One integer class per sample for the oversampler: the label, or label x lesion side."""
+        if by == "label":
+            return self.labels
+        if by != "label_and_side":
+            raise ValueError(f"train.oversample_by must be 'label' or 'label_and_side', not {by!r}")
+        keys = [f"{s.label}/{s.side}" for s in self.samples]
+        return np.unique(keys, return_inverse=True)[1].astype(np.int64)
 
     def read(self, index: int) -> np.ndarray:
         s = self.samples[index]

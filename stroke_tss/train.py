@@ -103,7 +103,7 @@ def train_phase(model: nn.Module, datasets: dict[str, StoreDataset], out_dir: st
     ckpt_dir = out_dir / "ckpt"
     ckpt_dir.mkdir(exist_ok=True)
     train_ds = datasets["train"]
-    sampler = ShardedSampler(train_ds.labels, rank=eng.rank, world_size=eng.world_size,
+    sampler = ShardedSampler(train_ds.oversample_classes(train.oversample_by), rank=eng.rank, world_size=eng.world_size,
                              oversample=train.oversample, seed=seed)
     stopper = EarlyStopping(patience=stop_cfg.patience, min_epochs=stop_cfg.min_epochs,
                             max_epochs=stop_cfg.max_epochs, min_delta=stop_cfg.min_delta,
