@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from hpc.launch_config import LaunchConfig
 from stroke_tss.config.base import Section
@@ -59,7 +59,18 @@ class Config(Section):
     """Phase name -> phase, run in the order given."""
     variants: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"default": {}})
     """Variant name -> overrides of this config (nested keys), e.g. 2d_scratch: {phases: {tss3h: {init: random}}}."""
+    ensembles: dict[str, list[str]] = Field(default_factory=dict)
+    """Ensemble name -> member variants; its predictions (RUN/<name>/) are the mean of the members' per sample."""
     genesis: GenesisSection = Field(default_factory=GenesisSection)
     engine: EngineSection = Field(default_factory=EngineSection)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     """Where folds, sweeps and pretraining run (slurm job array, local processes, or in-process)."""
+
+    @model_validator(mode="after")
+    def _ensembles_of_variants(self):
+        for name, members in self.ensembles.items():
+            unknown = [m for m in members if m not in self.variants]
+            if name in self.variants or len(members) < 2 or unknown:
+                raise ValueError(f"ensemble {name!r} needs a name that is no variant and >= 2 member variants "
+                                 f"of this config (unknown: {unknown}; variants: {', '.join(self.variants)})")
+        return self
