@@ -107,7 +107,8 @@ def check_same_config(cfg: Config, path: Path) -> None:
     """A run folder holds one experiment: refuse one made by a different config (launch keys aside)."""
     if not path.exists():
         return
-    old = yaml.safe_load(path.read_text()) or {}
+    # Through the current schema, so that a key added to the package since (with its default) is no difference.
+    old = validate(yaml.safe_load(path.read_text()) or {}, source=str(path)).model_dump(mode="json")
     new = cfg.model_dump(mode="json")
     for key in _RUNTIME_KEYS:
         old.pop(key, None)
