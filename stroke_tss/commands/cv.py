@@ -24,7 +24,9 @@ def main(args: argparse.Namespace) -> int:
     results = run_cv(cfg, wait=not args.no_wait, variants=args.variants)
     run_dir = Path(cfg.run.dir)
     if args.no_wait:
-        print(f"submitted {len(results)} items; when they finish: stroke-tss collect {run_dir}")
+        jobs = sorted({r.job_id.split("_")[0] for r in results})
+        where = f" as job {', '.join(jobs)}" if jobs else ""
+        print(f"submitted {len(results)} items{where}; when they finish: stroke-tss collect {run_dir}")
         return 0
     failed = [r for r in results if r.state == "failed"]
     print(format_summary(summarize(run_dir, num_resamples=200)))
