@@ -50,7 +50,10 @@ def summarize(run_dir: str | Path, *, num_resamples: int = 2000, seed: int = 0) 
 
 
 def write_summary(run_dir: str | Path, **kwargs) -> Path:
+    from stroke_tss.ensemble import write_ensembles
+
     run_dir = Path(run_dir)
+    write_ensembles(run_dir)  # ensembles are variants made of finished members: refresh them before summing up
     summary = summarize(run_dir, **kwargs)
     path = run_dir / "summary.json"
     path.write_text(json.dumps(summary, indent=2))
