@@ -50,7 +50,7 @@ def blob_store(path: Path, *, num_subjects: int = 16, seed: int = 0):
 
 
 def hemisphere_samples(store, task: str):
-    """(x, y) tensors per hemisphere: lesion_present on both halves, tss_lt_4h5 on the lesion half."""
+    """(x, y) tensors per hemisphere: lesion_present on both halves, a TSS task on lesion halves with an onset."""
     xs, ys = [], []
     table = store.table.set_index("subject_id")
     for sid in store.subject_ids:
@@ -59,8 +59,8 @@ def hemisphere_samples(store, task: str):
             has = bool(row[f"lesion_{side}"])
             if task == "lesion_present":
                 label = float(has)
-            elif has:
-                label = float(row["onset_to_mri_min"] < 270)
+            elif has and pd.notna(row["onset_to_mri_min"]):
+                label = float(row["onset_to_mri_min"] < {"tss_lt_3h": 180, "tss_lt_4h5": 270}[task])
             else:
                 continue
             xs.append(torch.from_numpy(store.hemisphere(sid, side)))
@@ -72,7 +72,7 @@ def train_phase(store, out: Path, *, task: str, steps: int, seed: int = 0, thres
     """A few Adam steps of the 2D model on one task; writes weights.pt, predictions.csv, metrics.json."""
     torch.manual_seed(seed)
     x, y = hemisphere_samples(store, task)
-    model = build_model("slicewise2d", num_slices=x.shape[2], in_channels=3, base_channels=8)
+    model = build_model("slicewise2d", num_slices=x.shape[2], in_channels=x.shape[1], base_channels=8)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(seed)
     model.train()
