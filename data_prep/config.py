@@ -42,7 +42,7 @@ class PrepConfig(BaseModel):
     """Other series -> anchor: auto = header if on the anchor's grid else rigid MI; FLAIR always registers."""
     registration_seed: int = 0
     """Seed of the metric's random sampling (results do not depend on scheduling)."""
-    sampling_fraction: float = Field(0.25, gt=0, le=1)
+    sampling_fraction: float = Field(0.1, gt=0, le=1)
     """Share of fixed-image voxels sampled by the MI metric."""
     zscore: bool = True
     """Z-score every channel inside the brain mask; voxels outside the brain become 0."""

@@ -15,6 +15,9 @@ import numpy as np
 import SimpleITK as sitk
 
 TEMPLATE_MM = 2  # nilearn ships the MNI152 (2009 sym) T1 and brain mask at 1 and 2 mm
+# The optimizer stops once its step (scaled to about mm of shift) falls below this: far under a voxel, and on
+# 2 mm phantoms it took registration from ~150 s to ~10 s at the same error (about 1.2 mm) as 1e-4 mm.
+MIN_STEP_MM = 0.01
 
 
 @dataclass
@@ -57,13 +60,14 @@ def _method(*, seed: int, sampling: float, shrink: tuple[int, ...], iterations: 
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(sampling, seed)
+    # SimpleITK reads seed 0 as "seed from the wall clock" (sitkWallClock): shift so every seed is fixed
+    reg.SetMetricSamplingPercentage(sampling, seed + 1)
     if fixed_mask is not None:
         reg.SetMetricFixedMask(fixed_mask)
     if moving_mask is not None:
         reg.SetMetricMovingMask(moving_mask)
     reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=iterations,
+    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=MIN_STEP_MM, numberOfIterations=iterations,
                                                  relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetShrinkFactorsPerLevel(list(shrink))
@@ -80,7 +84,7 @@ def levels(image: sitk.Image, finest_mm: float) -> tuple[int, int, int]:
 
 def register(fixed: sitk.Image, moving: sitk.Image, *, kind: str, seed: int, sampling: float,
              fixed_mask: sitk.Image | None = None, moving_mask: sitk.Image | None = None,
-             shrink: tuple[int, ...] = (4, 2, 1), iterations: int = 200) -> Registration:
+             shrink: tuple[int, ...] = (4, 2, 1), iterations: int = 100) -> Registration:
     """Rigid (moments-centred) and, for kind='affine', an affine stage on the two finest levels."""
     fixed = sitk.Cast(fixed, sitk.sitkFloat32)
     moving = sitk.Cast(moving, sitk.sitkFloat32)
