@@ -7,6 +7,7 @@ are the target of every other subject), then the rest stream through the cluster
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import traceback
@@ -76,32 +77,43 @@ def subject_dict(row: SubjectRow, channels: tuple[str, ...]) -> dict:
 
 
 def _make_client(cluster, workers: int, cluster_options: dict | None):
+    """(client, what to close afterwards): a client or cluster the caller passed stays open."""
     from distributed import Client, LocalCluster
 
+    if isinstance(cluster, Client):
+        return cluster, []
     if not isinstance(cluster, str):
-        return Client(cluster) if not isinstance(cluster, Client) else cluster, None
+        client = Client(cluster)
+        return client, [client]
     env = dict(_SINGLE_THREAD_ENV)
     if cluster == "local":
-        lc = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+        # ":0": any free port for the scheduler's HTTP endpoints, so two builds on one host do not clash
+        lc = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                           env=env, **(cluster_options or {}))
-        return Client(lc), lc
+        client = Client(lc)
+        return client, [client, lc]
     if cluster == "slurm":
         from dask_jobqueue import SLURMCluster
 
         opts = {"cores": 1, "processes": 1, "memory": "4GB", "walltime": "01:00:00",
+                "scheduler_options": {"dashboard_address": ":0"},
                 "job_script_prologue": [f"export {k}={v}" for k, v in env.items()], **(cluster_options or {})}
         sc = SLURMCluster(**opts)
         sc.scale(jobs=workers)
         client = Client(sc)
         client.wait_for_workers(1, timeout=300)
-        return client, sc
+        return client, [client, sc]
     raise ValueError(f"cluster must be 'local' or 'slurm', got {cluster!r}")
 
 
 def prep(manifest: str | Path | Manifest, store: str | Path, *, config: PrepConfig | None = None,
          workers: int = 2, cluster="local", cluster_options: dict | None = None,
          progress: bool = True) -> PrepResult:
-    """Build or complete `store` from `manifest`; failures are listed, never fatal to the rest."""
+    """Build or complete `store` from `manifest`; failures are listed, never fatal to the rest.
+
+    `cluster`: "local" (a LocalCluster of `workers` processes), "slurm" (dask-jobqueue, `workers` jobs,
+    `cluster_options` passed to SLURMCluster), or a distributed Client / cluster the caller keeps open.
+    """
     config = config or PrepConfig()
     if workers < 1:
         raise ValueError(f"prep: workers must be >= 1, got {workers}")
@@ -115,22 +127,37 @@ def prep(manifest: str | Path | Manifest, store: str | Path, *, config: PrepConf
     todo = [sid for sid in rows if sid not in done]
     result = PrepResult(store=store, skipped=[s for s in rows if s in done])
     reference = st.Store(store).attrs.get("reference_histogram")
-    need_reference = config.zscore and config.histogram_match and reference is None
+    need_reference = config.zscore and config.histogram_match
+    if need_reference and reference is None:
+        reference = _reference_from_records(store, config)
     if todo:
         client, owned = _make_client(cluster, workers, cluster_options)
         try:
-            if need_reference:
+            if need_reference and reference is None:
                 reference = _build_reference(client, rows, todo, index, store, config, failed, done)
+            if need_reference and reference is None:
+                todo = []  # every candidate failed: matching the rest to nothing would make a mixed store
             _run(client, [sid for sid in todo if sid not in done and sid not in failed], rows, index, store,
                  config, reference, failed, progress)
         finally:
-            client.close()
-            if owned is not None:
-                owned.close()
+            for thing in owned:
+                thing.close()
     finish(store, failed=failed, valid=set(rows))
     result.done = sorted(st.done_subjects(store) & set(rows), key=index.get)
     result.failed = failed
     return result
+
+
+def _reference_from_records(store: Path, config: PrepConfig) -> dict | None:
+    """A run killed after the reference subject's record but before the attrs: take it from the record."""
+    for path in sorted((store / "records").glob("*.json")):
+        rec = json.loads(path.read_text())
+        if rec.get("landmarks"):
+            reference = {"subject_id": rec["subject_id"], "levels": config.histogram_landmarks,
+                         "channels": rec["landmarks"]}
+            st.set_reference_histogram(store, reference)
+            return reference
+    return None
 
 
 def _build_reference(client, rows, todo, index, store, config, failed, done) -> dict | None:

@@ -52,7 +52,10 @@ def main(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
     options = _slurm_options(args) if args.cluster == "slurm" else None
-    # Dask logs every worker start and stop at INFO; our own lines and the progress bar say what matters
+    # Dask logs every worker start and stop at INFO; our own lines and the progress bar say what matters.
+    # distributed sets its loggers' levels when imported, so import it first.
+    import distributed  # noqa: F401
+
     for name in ("distributed", "dask_jobqueue"):
         logging.getLogger(name).setLevel(logging.WARNING)
     start = time.perf_counter()
