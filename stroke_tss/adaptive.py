@@ -186,8 +186,10 @@ class AdaptTarget:
 
 
 def default_phase(cfg: Config) -> str:
-    """The first phase with `freeze: auto`, else the last phase."""
-    return next((name for name, p in cfg.phases.items() if p.freeze == "auto"), list(cfg.phases)[-1])
+    """The first phase with `freeze: auto`, else the last phase that is not `train_only`."""
+    auto = [name for name, p in cfg.phases.items() if p.freeze == "auto"]
+    free = [name for name, p in cfg.phases.items() if p.train_only is None]
+    return (auto or free[-1:] or list(cfg.phases)[-1:])[0]
 
 
 def adapt_target(cfg: Config, *, variant: str, fold: int, phase: str, source: str) -> AdaptTarget:

@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="what to transfer: a phase of the config (its RUN/<variant>/fold-<k>/<phase>/weights.pt) "
                              "or a weights file")
     parser.add_argument("--phase", default=None,
-                        help="phase to adapt (default: the first with `freeze: auto`, else the last)")
+                        help="phase to adapt (default: the first with `freeze: auto`, else the last without train_only)")
     parser.add_argument("--fold", type=int, default=0, help="fold index in RUN/splits.json (default 0)")
     parser.add_argument("--variant", default=None, help="variant (default: the config's first)")
 
