@@ -72,6 +72,7 @@ def sweep_config(cfg: Config, grid: GridFile, *, source: str = "grid") -> tuple[
         validate(merge(cfg.model_dump(mode="json"), variants[name]), source=f"{source} (point {name}: {point})")
     data = cfg.model_dump(mode="json")
     data["variants"] = variants
+    data.pop("ensembles", None)  # ensembles name the config's variants, which the grid points replace
     swept = validate(data, source=source)
     if grid.rank_phase is not None and grid.rank_phase not in swept.phases:
         raise UserError(f"{source}: rank_phase '{grid.rank_phase}' is not a phase ({', '.join(swept.phases)})")
