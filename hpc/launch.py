@@ -121,24 +121,28 @@ def launch_items(
     names = list(names) if names is not None else [f"item-{i:03d}" for i in range(len(items))]
     if len(names) != len(items) or len(set(names)) != len(names):
         raise ValueError(f"names must be {len(items)} distinct folder names, one per item; got {names}")
+    # local processes all start at once unless throttled here, and only a waiting caller can throttle
+    first = len(items) if config.executor == "slurm" else config.array_parallelism
+    if not wait and config.executor == "local" and first < len(items):
+        raise ValueError(f"wait=False needs launch.array_parallelism >= {len(items)} with the local executor")
     out_dirs = [folder / name for name in names]
+    created = [out_dir for out_dir in out_dirs if not out_dir.exists()]
     for out_dir in out_dirs:
         out_dir.mkdir(parents=True, exist_ok=True)
     log_folder = config.folder or folder / "submitit"
     if config.executor == "debug":
         return _run_in_process(fn, items, out_dirs=out_dirs, names=names, log_folder=log_folder)
     executor = make_executor(config, log_folder)
-    if config.executor == "slurm":
-        jobs = _submit(executor, fn, list(items), out_dirs, config)
-        pending: list[int] = []
-    else:  # local processes all start at once unless throttled here
-        first = config.array_parallelism
+    try:
         jobs = _submit(executor, fn, list(items[:first]), out_dirs[:first], config)
-        pending = list(range(first, len(items)))
+    except ValueError:  # refused: leave no empty item folders behind either
+        for out_dir in created:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise
+    pending = list(range(first, len(items)))
     results = [ItemResult(i, names[i], out_dirs[i], job.job_id, "submitted") for i, job in enumerate(jobs)]
     if not wait:
-        if pending:
-            raise ValueError(f"wait=False needs launch.array_parallelism >= {len(items)} with the local executor")
         return results
     return _wait(jobs, results, pending, fn=fn, items=items, out_dirs=out_dirs, names=names, executor=executor,
                  config=config, poll_s=poll_s)
