@@ -164,6 +164,19 @@ def item_done(cfg: Config, item: FoldItem) -> bool:
     return all(phase_done(fold_dir / phase) for phase in resolve_variant(cfg, item.variant).phases)
 
 
+def unfinished_items(run_dir: str | Path) -> list[FoldItem]:
+    """Items submitted for a run folder (they have a folder under RUN/jobs/) that have not finished: still
+    waiting, running, or failed."""
+    run_dir = Path(run_dir)
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a run folder (no config.yaml); pass the run.dir of a `stroke-tss cv`")
+    raw = yaml.safe_load(path.read_text()) or {}
+    raw.setdefault("run", {})["dir"] = str(run_dir)  # the folder may have moved since
+    cfg = validate(raw, source=str(path))
+    return [item for item in fold_items(cfg) if (run_dir / "jobs" / item.name).is_dir() and not item_done(cfg, item)]
+
+
 def run_cv(cfg: Config, *, wait: bool = True, variants: list[str] | None = None) -> list[ItemResult]:
     """Run (or finish) every fold of every variant (or of `variants`) through the launch layer; write
     summary.json when done."""
@@ -178,6 +191,10 @@ def run_cv(cfg: Config, *, wait: bool = True, variants: list[str] | None = None)
             raise UserError(f"Models Genesis pretraining failed: {res.error}; log: {res.log}")
     items = fold_items(cfg, variants)
     todo = [item for item in items if not item_done(cfg, item)]
+    if not wait and cfg.launch.executor == "local" and cfg.launch.array_parallelism < len(todo):
+        # local processes beyond array_parallelism are started by the waiting cv; without it they never would
+        raise UserError(f"--no-wait with the local executor cannot hold items back: set launch.array_parallelism="
+                        f"{len(todo)} (now {cfg.launch.array_parallelism}) to start all at once, or leave out --no-wait")
     if not todo:
         log.info("every fold of every variant is done in %s", run_dir)
         results: list[ItemResult] = []

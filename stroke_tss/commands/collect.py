@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -12,9 +13,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from stroke_tss.cv import unfinished_items
     from stroke_tss.summary import format_summary, summarize, write_summary
 
+    unfinished = unfinished_items(args.run)
     path = write_summary(args.run, num_resamples=args.resamples)
     print(format_summary(summarize(args.run, num_resamples=args.resamples)))
     print(f"summary: {path}")
+    if unfinished:
+        print(f"not finished (waiting, running or failed): {', '.join(i.name for i in unfinished)}; the summary "
+              "pools the finished folds only: collect again when they are done", file=sys.stderr)
     return 0
