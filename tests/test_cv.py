@@ -173,6 +173,17 @@ def test_a_failed_fold_is_reported_with_its_log_while_the_other_lands(local_run,
     assert {k: v for k, v in mtimes(run_dir).items() if k in kept} == kept, "finished phases are not redone"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["2d/tss4h5"]["num_folds"] == 1 and summary["2d/lesion"]["num_folds"] == 2
+    collect = ok(cli("collect", run_dir, "--resamples", "50"))
+    assert "not finished (waiting, running or failed): 2d-fold-1; the summary pools the finished folds only" \
+        in collect.stderr
+
+
+def test_collect_of_a_folder_that_is_no_run_is_one_line(tmp_path):
+    proc = cli("collect", tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"stroke-tss collect: error: {tmp_path} is not a run folder (no config.yaml); pass the run.dir of a "
+        "`stroke-tss cv`"]
 
 
 # ---------------------------------------------------------------- Slurm
@@ -235,7 +246,8 @@ def test_a_partition_slurm_rejects_is_one_line_and_nothing_runs(slurm_cluster, t
     assert line.startswith("stroke-tss cv: error: slurm refused the submission: ") and "partition" in line
     assert "launch.partition" in line, "says what to change"
     assert squeue_ids() == before
-    assert not list((tmp_path / "run" / "jobs").rglob("*_submitted.pkl"))
+    jobs = tmp_path / "run" / "jobs"
+    assert not list(jobs.rglob("*_submitted.pkl")) and not (jobs / "2d-fold-0").exists(), "no job folders"
 
 
 # ---------------------------------------------------------------- sweep and bad input
@@ -279,6 +291,15 @@ def test_an_unknown_executor_is_one_line(tiny_store, tmp_path, args, message):
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("stroke-tss cv: error: ") and message in line
     assert not (tmp_path / "run").exists(), "nothing written, nothing submitted"
+
+
+def test_no_wait_with_throttled_local_processes_is_refused_before_any_starts(tiny_store, tmp_path):
+    proc = cv(tiny_store, tmp_path / "run", "--executor", "local", "launch.array_parallelism=1", "--no-wait")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "stroke-tss cv: error: --no-wait with the local executor cannot hold items back: "
+        "set launch.array_parallelism=2 (now 1) to start all at once, or leave out --no-wait")
+    assert not (tmp_path / "run" / "jobs").exists(), "nothing started"
 
 
 def test_a_grid_with_an_unknown_key_is_one_line(tiny_store, tmp_path):
