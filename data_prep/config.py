@@ -52,6 +52,8 @@ class PrepConfig(BaseModel):
     """Histogram reference; None = first subject of the manifest that preprocesses cleanly."""
     histogram_landmarks: int = Field(101, ge=3, le=1001)
     """Quantile landmarks of the piecewise-linear histogram map."""
+    histogram_percentiles: tuple[float, float] = (1.0, 99.0)
+    """In-brain percentiles of the first and last landmark; beyond them the map extends linearly (lesion tails)."""
     ct_window: dict[str, tuple[float, float]] = Field(default_factory=dict)
     """Channel -> (centre, width) in HU: clip to the window and scale to [0, 1] instead of z-scoring."""
     dtype: Literal["float32", "float16"] = "float32"
@@ -80,6 +82,9 @@ class PrepConfig(BaseModel):
         bad = [c for c in self.ct_window if c not in self.channels]
         if bad:
             raise ValueError(f"ct_window names channels {bad} that are not in channels {list(self.channels)}")
+        low, high = self.histogram_percentiles
+        if not 0 <= low < high <= 100:
+            raise ValueError(f"histogram_percentiles must rise within [0, 100]; got {self.histogram_percentiles}")
         if self.chunk_zyx is not None and min(self.chunk_zyx) < 1:
             raise ValueError(f"chunk_zyx sides must be >= 1; got {self.chunk_zyx}")
         return self

@@ -146,9 +146,11 @@ def preprocess_subject(row: Mapping, *, config: PrepConfig, reference: Mapping |
             vol = pp.ct_window(vol, center=center, width=width)
         elif config.zscore:
             vol = pp.zscore(vol, brain)
-            marks[name] = pp.landmarks(vol, brain, num=config.histogram_landmarks).tolist()
+            marks[name] = pp.landmarks(vol, brain, num=config.histogram_landmarks,
+                                          percentiles=config.histogram_percentiles).tolist()
             if config.histogram_match and reference is not None:
-                vol = pp.match_histogram(vol, brain, np.asarray(reference["channels"][name]))
+                vol = pp.match_histogram(vol, brain, np.asarray(reference["channels"][name]),
+                                         percentiles=config.histogram_percentiles)
         channels.append(vol)
     derived = derived_columns(brain, lesion, config=config)
     qc["brain_volume_ml"] = derived["brain_volume_ml"]

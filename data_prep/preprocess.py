@@ -123,17 +123,28 @@ def zscore(volume: np.ndarray, brain: np.ndarray) -> np.ndarray:
     return np.where(brain > 0, (volume - float(inside.mean())) / std, 0.0).astype(np.float32)
 
 
-def landmarks(volume: np.ndarray, brain: np.ndarray, *, num: int) -> np.ndarray:
-    """In-brain intensity quantiles at `num` evenly spaced levels (0 to 100 %)."""
-    return np.percentile(volume[brain > 0], np.linspace(0, 100, num)).astype(np.float64)
+def landmarks(volume: np.ndarray, brain: np.ndarray, *, num: int,
+              percentiles: tuple[float, float] = (1.0, 99.0)) -> np.ndarray:
+    """In-brain intensity quantiles at `num` evenly spaced levels between the two percentiles."""
+    return np.percentile(volume[brain > 0], np.linspace(*percentiles, num)).astype(np.float64)
 
 
-def match_histogram(volume: np.ndarray, brain: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Piecewise-linear map of this volume's in-brain quantiles onto the reference's (Nyul-style)."""
-    own = landmarks(volume, brain, num=len(reference))
+def match_histogram(volume: np.ndarray, brain: np.ndarray, reference: np.ndarray, *,
+                    percentiles: tuple[float, float] = (1.0, 99.0)) -> np.ndarray:
+    """Piecewise-linear map of this volume's in-brain quantiles onto the reference's (Nyul-style).
+
+    Outside the landmark range the map goes on linearly with the slope between the two end landmarks rather
+    than clamping: the tails hold the lesion (bright on DWI, later on FLAIR), and clamping them onto the
+    reference's tail would erase the contrast the classifier needs.
+    """
+    own = landmarks(volume, brain, num=len(reference), percentiles=percentiles)
+    ref = np.asarray(reference, dtype=np.float64)
     # strictly increasing x for np.interp even where many voxels share a value
     own = own + np.arange(len(own)) * 1e-9 * max(1.0, float(np.abs(own).max()))
-    mapped = np.interp(volume, own, np.asarray(reference, dtype=np.float64))
+    slope = (ref[-1] - ref[0]) / (own[-1] - own[0])
+    mapped = np.interp(volume, own, ref)
+    mapped = np.where(volume > own[-1], ref[-1] + (volume - own[-1]) * slope, mapped)
+    mapped = np.where(volume < own[0], ref[0] + (volume - own[0]) * slope, mapped)
     return np.where(brain > 0, mapped, 0.0).astype(np.float32)
 
 
