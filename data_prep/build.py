@@ -76,7 +76,7 @@ def subject_dict(row: SubjectRow, channels: tuple[str, ...]) -> dict:
     return out
 
 
-def _make_client(cluster, workers: int, cluster_options: dict | None):
+def _make_client(cluster, workers: int, cluster_options: dict | None, log_dir: Path):
     """(client, what to close afterwards): a client or cluster the caller passed stays open."""
     from distributed import Client, LocalCluster
 
@@ -95,7 +95,8 @@ def _make_client(cluster, workers: int, cluster_options: dict | None):
     if cluster == "slurm":
         from dask_jobqueue import SLURMCluster
 
-        opts = {"cores": 1, "processes": 1, "memory": "4GB", "walltime": "01:00:00",
+        # worker job logs go next to the store, not into whatever folder prep was started from
+        opts = {"cores": 1, "processes": 1, "memory": "4GB", "walltime": "01:00:00", "log_directory": str(log_dir),
                 "scheduler_options": {"dashboard_address": ":0"},
                 "job_script_prologue": [f"export {k}={v}" for k, v in env.items()], **(cluster_options or {})}
         sc = SLURMCluster(**opts)
@@ -131,7 +132,7 @@ def prep(manifest: str | Path | Manifest, store: str | Path, *, config: PrepConf
     if need_reference and reference is None:
         reference = _reference_from_records(store, config)
     if todo:
-        client, owned = _make_client(cluster, workers, cluster_options)
+        client, owned = _make_client(cluster, workers, cluster_options, store / "logs")
         try:
             if need_reference and reference is None:
                 reference = _build_reference(client, rows, todo, index, store, config, failed, done)

@@ -58,12 +58,12 @@ class PrepConfig(BaseModel):
     """Channel -> (centre, width) in HU: clip to the window and scale to [0, 1] instead of z-scoring."""
     dtype: Literal["float32", "float16"] = "float32"
     """Stored voxel type (the reader always returns float32)."""
-    codec: Literal["none", "zstd", "blosc-lz4", "blosc-zstd"] = "blosc-lz4"
+    codec: Literal["none", "zstd", "blosc-lz4", "blosc-zstd"] = "zstd"
     """Chunk compressor; see bench/bench_store.py for the speed against size trade-off."""
     codec_level: int = Field(1, ge=0, le=22)
     """Compression level of the codec."""
     chunk_zyx: tuple[int, int, int] | None = None
-    """Inner chunk (z, y, x) of one channel; None = one hemisphere (Z, Y, X/2), the training read."""
+    """Chunk (z, y, x) of one channel, a shard per subject; None = one hemisphere of all channels, unsharded."""
     qc_montage: bool = True
     """Write a QC montage PNG per subject under STORE/qc/."""
 

@@ -135,8 +135,8 @@ def test_no_chunk_or_shard_spans_two_subjects(tmp_path: Path, chunk_zyx) -> None
         outer = arr.shards or arr.chunks
         assert outer[0] == 1, (name, outer)
         assert arr.shape[0] == 3
-    if chunk_zyx is None:  # default: a hemisphere is one chunk per channel
-        assert group["volumes"].chunks == (1, 1, 40, 48, 20)
+    if chunk_zyx is None:  # default: a hemisphere of all channels is one chunk
+        assert group["volumes"].chunks == (1, 3, 40, 48, 20)
 
 
 def test_refuses_another_config_and_foreign_paths(tiny_store: Path, tiny_cohort: Path, tmp_path: Path) -> None:
