@@ -49,7 +49,10 @@ def load_weights(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"weights file {path} does not exist: run the phase that writes it first")
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError) as exc:  # torch reports a truncated zip as a RuntimeError
+        raise ValueError(f"weights file {path} is unreadable ({exc}); delete it and re-run its phase") from None
     if not isinstance(data, dict) or "state_dict" not in data:
         raise ValueError(f"{path} is not a stroke-tss weights.pt (no 'state_dict'); pass a weights.pt of a phase")
     return data

@@ -115,6 +115,8 @@ def train_phase(model: nn.Module, datasets: dict[str, StoreDataset], out_dir: st
         loop, _ = client["loop"], stopper.load_state_dict(client["stopper"])
         set_rng_state(rank_state["rng"])
         log.info("resumed %s at epoch %d, step %d", out_dir, loop["epoch"], loop["step_in_epoch"])
+    if eng.is_main:
+        _trim_log(out_dir / "log.jsonl", from_epoch=loop["epoch"])
 
     def save(tag: str) -> None:
         eng.save(ckpt_dir, tag=tag, client_state={"loop": dict(loop), "stopper": stopper.state_dict()},
@@ -175,6 +177,16 @@ def train_phase(model: nn.Module, datasets: dict[str, StoreDataset], out_dir: st
             save(f"epoch-{epoch + 1:04d}")
     eng.barrier()
     return _finish(eng, datasets, out_dir, task=task, train=train)
+
+
+def _trim_log(path: Path, *, from_epoch: int) -> None:
+    """Drop log lines of epochs the loop is about to redo (a kill after the line, before the epoch's save)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] < from_epoch]
+    if len(kept) != len(lines):
+        path.write_text("".join(kept))
 
 
 def _finish(eng: Engine, datasets: dict[str, StoreDataset], out_dir: Path, *, task: str, train: TrainSection) -> dict:

@@ -3,6 +3,7 @@ Models Genesis pretraining."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -84,13 +85,26 @@ def test_a_killed_run_resumes_bit_identically(store, tmp_path):
     proc.send_signal(signal.SIGKILL)  # no chance to save: resume must come from the last step checkpoint
     proc.wait()
     assert not (killed / "2d/fold-0/lesion/weights.pt").exists(), "the kill came too late to test a resume"
+    # as if the kill had landed between an epoch's log line and its checkpoint: the resumed run redoes that
+    # epoch and must not log it twice
+    log_path = killed / "2d/fold-0/lesion/log.jsonl"
+    in_progress = len(_epochs(log_path)) if log_path.exists() else 0
+    with open(log_path, "a") as fh:
+        fh.write(json.dumps({"epoch": in_progress, "train_loss": -1.0}) + "\n")
     subprocess.run(_train_cmd(store, killed), cwd=REPO, env=env, check=True, capture_output=True)
+    for phase in ("lesion", "tss3h", "tss4h5", "attention"):
+        assert _epochs(straight / "2d/fold-0" / phase / "log.jsonl") == \
+            _epochs(killed / "2d/fold-0" / phase / "log.jsonl"), phase
     for phase in ("lesion", "tss3h", "tss4h5", "attention"):
         a = torch.load(straight / "2d/fold-0" / phase / "weights.pt", weights_only=True)["state_dict"]
         b = torch.load(killed / "2d/fold-0" / phase / "weights.pt", weights_only=True)["state_dict"]
         assert all(torch.equal(a[k], b[k]) for k in a), phase
         assert (straight / "2d/fold-0" / phase / "predictions.csv").read_text() == \
             (killed / "2d/fold-0" / phase / "predictions.csv").read_text()
+
+
+def _epochs(path: Path) -> list:
+    return [(r["epoch"], r["train_loss"]) for r in map(json.loads, path.read_text().splitlines())]
 
 
 @pytest.mark.integration
