@@ -14,6 +14,7 @@ from stroke_tss.errors import UserError
 
 # name -> one-line help; the module is stroke_tss.commands.<name with - as _>
 VERBS: dict[str, str] = {
+    "demo": "The whole method on a phantom cohort: synth -> prep -> cv (2d, 3d, 2d_scratch) -> report + Grad-CAM.",
     "env": "Print versions and what this machine can run (CUDA, DeepSpeed, Slurm).",
     "scan": "Build a cohort manifest from a BIDS or ISLES'22-style tree.",
     "synth": "Generate a phantom cohort with known ground truth on the MNI152 anatomy.",

@@ -1,0 +1,58 @@
+"""`stroke-tss demo` end to end at the smallest size that still cross-validates (20 subjects, 2 folds, 1 epoch).
+
+What a newcomer relies on: every stage runs and says so, the report compares 2d with 2d_scratch (DeLong), the
+Grad-CAM picture exists, the quality gates are computed and written, and a second run resumes instead of
+redoing the work. The gates' targets are checked at demo size (README, closing notes), not here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--subjects", "20", "cv.folds=2", "train.stopping.max_epochs=1", "train.stopping.min_epochs=1",
+         "train.max_steps_per_epoch=2", "genesis.epochs=1", "genesis.crops_per_subject=1"]
+
+
+def _demo(out: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "stroke_tss", "demo", "--out", str(out), *SMALL], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=1200)
+
+
+@pytest.mark.integration
+def test_demo_runs_every_stage_reports_and_resumes(tmp_path):
+    out = tmp_path / "demo"
+    first = _demo(out)
+    assert first.returncode == 0, first.stderr[-3000:]
+    result = json.loads((out / "demo.json").read_text())
+    assert [s["stage"] for s in result["stages"]] == ["synth", "prep", "cv", "report", "grad-cam"]
+    assert all(s["budget_s"] > 0 for s in result["stages"])
+    gates = {g["name"]: g for g in result["gates"]}
+    assert set(gates) == {"lesion_present AUC", "best tss_lt_4h5 AUC", "2d - 2d_scratch tss_lt_4h5 AUC"}
+    assert gates["best tss_lt_4h5 AUC"]["target"] == pytest.approx(0.9 * result["oracle"]["tss_lt_4h5"], abs=1e-3)
+    assert "DeLong p=" in gates["2d - 2d_scratch tss_lt_4h5 AUC"]["detail"]
+    for gate in gates.values():  # what the summary prints is what demo.json holds
+        assert gate["name"] in first.stdout and ("PASS" if gate["passed"] else "MISS") in first.stdout
+
+    summary = json.loads((out / "run" / "summary.json").read_text())
+    assert {(e["variant"], e["phase"]) for e in summary.values()} == {
+        (v, p) for v in ("2d", "2d_scratch", "3d") for p in ("lesion", "tss3h", "tss4h5", "attention")}
+    assert (out / "run" / "genesis" / "weights.pt").is_file()
+    report = (out / "run" / "report.md").read_text()
+    assert "2d_scratch" in report and "DeLong" in report
+    assert mpimg.imread(out / "run" / "roc_tss_lt_4h5.png").ndim == 3
+    assert mpimg.imread(result["gradcam"]["png"]).ndim == 3
+    assert result["gradcam"]["overlap"]["lesion_share_of_brain"] > 0
+
+    again = _demo(out)  # same --out: the cohort is kept, prep and cv find everything done
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "cohort already in" in again.stderr
+    assert "every fold of every variant is done" in again.stderr
