@@ -88,8 +88,9 @@ def _make_client(cluster, workers: int, cluster_options: dict | None, log_dir: P
     env = dict(_SINGLE_THREAD_ENV)
     if cluster == "local":
         # ":0": any free port for the scheduler's HTTP endpoints, so two builds on one host do not clash
+        # silence_logs: the scheduler's and nannies' INFO lines would drown the progress bar and our own logs
         lc = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                          env=env, **(cluster_options or {}))
+                          env=env, silence_logs=logging.WARNING, **(cluster_options or {}))
         client = Client(lc)
         return client, [client, lc]
     if cluster == "slurm":
