@@ -26,11 +26,14 @@ pytestmark = [pytest.mark.slurm, pytest.mark.integration]
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ["lesion", "tss3h", "tss4h5", "attention"]
-# A lesion phase long enough to interrupt (16 epochs of 4 one-sample steps, a checkpoint after each step);
-# the later phases one epoch each, so the fold still runs its whole schedule.
+# A lesion phase long enough to interrupt (80 epochs of 4 one-sample steps, a checkpoint after each step);
+# the later phases one epoch each, so the fold still runs its whole schedule. Long enough, too, to outlast
+# KillWait (5 s): on `scontrol requeue` submitit ignores the SIGTERM and only the SIGKILL after KillWait stops
+# the job, so a fold that finished within those seconds (about 3 s for 16 epochs on an idle machine) would
+# never be interrupted at all.
 OVERRIDES = ["launch.executor=slurm", "launch.partition=debug", "launch.time_min=10",
              "train.batch_size=1", "train.ckpt_every_steps=1", "train.stopping.max_epochs=1",
-             "phases.lesion.stopping.max_epochs=16", "phases.lesion.stopping.patience=30"]
+             "phases.lesion.stopping.max_epochs=80", "phases.lesion.stopping.patience=100"]
 # Interrupt mid-epoch (epoch 3 of 4-step epochs): far from the epoch's end, where log.jsonl is appended.
 MID_EPOCH = 14
 
