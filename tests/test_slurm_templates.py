@@ -41,7 +41,9 @@ def test_every_template_runs_two_agreeing_ranks(slurm_cluster, tmp_path):
         out = "fold-{fold}" if name == "fold_array" else name
         env = dict(os.environ, STROKE_TSS_VENV=sys.prefix, NPROC_PER_NODE="2",
                    STROKE_TSS_CMD=f"python -m hpc.selftest --out {tmp_path}/{out}.json")
-        cmd = ["sbatch", "--wait", "--partition=debug", "--nodes=1", "--time=5",
+        # --time well above the templates' --signal=USR2@300: at 5 minutes Slurm sent the preemption signal
+        # at once, and a loaded machine got it before the ranks were done
+        cmd = ["sbatch", "--wait", "--partition=debug", "--nodes=1", "--time=15",
                f"--output={tmp_path}/{name}-%j.log", *options, str(_edited_copy(name, tmp_path))]
         procs[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for name, proc in procs.items():
