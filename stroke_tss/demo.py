@@ -104,10 +104,9 @@ def _synth(folder: Path, *, num_subjects: int, seed: int, spacing_mm: float, les
 
 def _prep(manifest: Path, store: Path, spec: DemoSize, *, workers: int) -> None:
     from data_prep.build import prep
-    from data_prep.config import PrepConfig
-    from stroke_tss.config.loader import read_yaml_tree
+    from stroke_tss.commands.prep import load_prep_config
 
-    config = PrepConfig(**read_yaml_tree(CONFIGS / spec.prep_config)) if spec.prep_config else PrepConfig()
+    config = load_prep_config(CONFIGS / spec.prep_config if spec.prep_config else None)
     result = prep(manifest, store, config=config, workers=workers, progress=True)
     if result.failed:
         # the phantom is ours: a failure here is a bug, but the demo goes on with the subjects that landed

@@ -84,7 +84,10 @@ def _own_weights(path: Path, model_name: str) -> dict | None:
     """The state dict of a stroke-tss weights.pt of the same model; None for any other file."""
     if not path.is_file():
         return None
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError) as exc:  # a truncated file: name it instead of torch's zip error
+        raise ValueError(f"init weights {path} are unreadable ({exc}); replace the file or re-run its phase") from None
     if isinstance(data, dict) and data.get("model") == model_name and "state_dict" in data:
         return data["state_dict"]
     return None

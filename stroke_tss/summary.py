@@ -61,6 +61,11 @@ def write_summary(run_dir: str | Path, **kwargs) -> Path:
     return path
 
 
+def read_summary(run_dir: str | Path) -> dict:
+    """RUN/summary.json as written (what the terminal shows must be what the file holds)."""
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
 def format_summary(summary: dict, *, level: str = "hemisphere") -> str:
     """A plain table for the terminal: variant, phase, task, n, AUC [CI], sensitivity, specificity."""
     lines = [f"{'variant':<16} {'phase':<10} {'task':<15} {'n':>5} {'AUC':>6} {'95% CI':>15} {'sens':>6} {'spec':>6}"]

@@ -184,9 +184,17 @@ def _trim_log(path: Path, *, from_epoch: int) -> None:
     if not path.is_file():
         return
     lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] < from_epoch]
+    kept = [line for line in lines if _logged_epoch(line) < from_epoch]
     if len(kept) != len(lines):
         path.write_text("".join(kept))
+
+
+def _logged_epoch(line: str) -> float:
+    """Epoch of a log.jsonl line; a torn last line (killed mid-write) counts as never written."""
+    try:
+        return json.loads(line)["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def _finish(eng: Engine, datasets: dict[str, StoreDataset], out_dir: Path, *, task: str, train: TrainSection) -> dict:

@@ -14,11 +14,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from stroke_tss.cv import unfinished_items
-    from stroke_tss.summary import format_summary, summarize, write_summary
+    from stroke_tss.summary import format_summary, read_summary, write_summary
 
     unfinished = unfinished_items(args.run)
     path = write_summary(args.run, num_resamples=args.resamples)
-    print(format_summary(summarize(args.run, num_resamples=args.resamples)))
+    print(format_summary(read_summary(args.run)))
     print(f"summary: {path}")
     if unfinished:
         print(f"not finished (waiting, running or failed): {', '.join(i.name for i in unfinished)}; the summary "

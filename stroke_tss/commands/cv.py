@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from stroke_tss.cv import run_cv
-    from stroke_tss.summary import format_summary, summarize
+    from stroke_tss.summary import format_summary, read_summary
 
     cfg = load_with_executor(args)
     results = run_cv(cfg, wait=not args.no_wait, variants=args.variants)
@@ -29,7 +29,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"submitted {len(results)} items{where}; when they finish: stroke-tss collect {run_dir}")
         return 0
     failed = [r for r in results if r.state == "failed"]
-    print(format_summary(summarize(run_dir, num_resamples=200)))
+    print(format_summary(read_summary(run_dir)))
     print(f"summary: {run_dir / 'summary.json'}")
     for r in failed:
         print(f"FAILED {r.name}: {r.error} (log: {r.log})")

@@ -7,7 +7,6 @@ import logging
 import time
 from pathlib import Path
 
-from data_prep.build import prep
 from data_prep.config import PrepConfig
 from data_prep.errors import InputError
 from stroke_tss.config.loader import read_yaml_tree, validate
@@ -58,6 +57,8 @@ def main(args: argparse.Namespace) -> int:
 
     for name in ("distributed", "dask_jobqueue"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    from data_prep.build import prep  # pandas, zarr, dask: only when a build runs
+
     start = time.perf_counter()
     try:
         result = prep(args.manifest, args.store, config=config, workers=args.workers, cluster=args.cluster,

@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from stroke_tss.commands.common import load_with_executor
     from stroke_tss.cv import run_cv
-    from stroke_tss.summary import summarize
+    from stroke_tss.summary import read_summary
     from stroke_tss.sweep import format_ranking, rank_points, read_grid, sweep_config, write_ranking
 
     cfg = load_with_executor(args)
@@ -26,7 +26,7 @@ def main(args: argparse.Namespace) -> int:
     swept, points = sweep_config(cfg, grid, source=str(args.grid))
     results = run_cv(swept)
     phase = grid.rank_phase or list(swept.phases)[-1]
-    ranked = rank_points(summarize(swept.run.dir, num_resamples=200), points, phase=phase)
+    ranked = rank_points(read_summary(swept.run.dir), points, phase=phase)
     path = write_ranking(Path(swept.run.dir), ranked, phase=phase)
     print(format_ranking(ranked))
     print(f"ranking: {path}")
