@@ -3,8 +3,11 @@ store (depths through the launch layer), and `freeze: auto` inside a phase of a 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -68,18 +71,24 @@ def adapted(tiny_store, tmp_path_factory):
     source = build_model("slicewise2d", num_slices=num_slices, in_channels=3, base_channels=4)
     save_weights(tmp / "source.pt", source, source.state_dict(), task="lesion_present")
     run = tmp / "run"
-    code = _cli("adapt", "configs/tiny.yaml", "--source", str(tmp / "source.pt"), "--phase", "tss3h",
-                "--variant", "2d", "--executor", "debug", f"data.store={tiny_store}", f"run.dir={run}", *TINY)
-    return code, run / "2d" / "fold-0" / "tss3h", source.state_dict()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = _cli("adapt", "configs/tiny.yaml", "--source", str(tmp / "source.pt"), "--phase", "tss3h",
+                    "--variant", "2d", "--executor", "debug", f"data.store={tiny_store}", f"run.dir={run}", *TINY)
+    return code, run / "2d" / "fold-0" / "tss3h", source.state_dict(), printed.getvalue()
 
 
 @pytest.mark.integration
-def test_adapt_prints_the_table_and_trains_at_its_argmin(adapted, capsys):
-    code, phase_dir, _ = adapted
+def test_adapt_prints_the_table_and_trains_at_its_argmin(adapted):
+    code, phase_dir, _, printed = adapted
     assert code == 0
     table = json.loads((phase_dir / "adapt" / "table.json").read_text())
     rows = table["depths"]
     assert [r["depth"] for r in rows] == list(range(6))
+    # the printed table: one row per depth, '*' on the chosen one only
+    printed_rows = [line for line in printed.splitlines() if re.match(r"^[ *] +\d +\S", line)]
+    assert [int(line.split()[-6]) for line in printed_rows] == list(range(6))
+    assert [line.startswith("*") for line in printed_rows] == [r["chosen"] for r in rows]
     for r in rows:  # every reported score is f(theta) of that depth's own logged validation losses
         log = [json.loads(line) for line in (phase_dir / "adapt" / f"depth-{r['depth']}" / "log.jsonl").open()]
         losses = [rec["val_loss"] for rec in log]
@@ -101,7 +110,7 @@ def test_adapt_prints_the_table_and_trains_at_its_argmin(adapted, capsys):
 
 @pytest.mark.integration
 def test_each_searched_depth_kept_its_frozen_groups_at_the_source_weights(adapted):
-    _, phase_dir, source = adapted
+    _, phase_dir, source, _ = adapted
     table = json.loads((phase_dir / "adapt" / "table.json").read_text())
     prefixes = build_model("slicewise2d", num_slices=3, base_channels=4).group_prefixes()
 
