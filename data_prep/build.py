@@ -118,7 +118,7 @@ def prep(manifest: str | Path | Manifest, store: str | Path, *, config: PrepConf
     """
     config = config or PrepConfig()
     if workers < 1:
-        raise ValueError(f"prep: workers must be >= 1, got {workers}")
+        raise InputError(f"prep: workers must be >= 1, got {workers}")
     if not isinstance(manifest, Manifest):
         manifest = read_manifest(manifest, channels=config.channels)
     store = Path(store).absolute()
@@ -167,7 +167,7 @@ def _build_reference(client, rows, todo, index, store, config, failed, done) -> 
     candidates = [config.reference_subject] if config.reference_subject else todo
     for sid in candidates:
         if sid not in rows:
-            raise ValueError(f"prep: reference_subject {sid!r} is not a valid subject of the manifest")
+            raise InputError(f"prep: reference_subject {sid!r} is not a valid subject of the manifest")
         rec = client.submit(process_subject, rows[sid], store=str(store), index=index[sid],
                             config=config.model_dump(mode="json"), reference=None, pure=False).result()
         if "error" in rec:

@@ -58,12 +58,13 @@ def main(args: argparse.Namespace) -> int:
     for name in ("distributed", "dask_jobqueue"):
         logging.getLogger(name).setLevel(logging.WARNING)
     from data_prep.build import prep  # pandas, zarr, dask: only when a build runs
+    from data_prep.store import StoreError
 
     start = time.perf_counter()
     try:
         result = prep(args.manifest, args.store, config=config, workers=args.workers, cluster=args.cluster,
                       cluster_options=options, progress=not args.no_progress)
-    except (InputError, ValueError) as exc:  # StoreError is a ValueError: not our store, another config
+    except (InputError, StoreError) as exc:  # a bad manifest or config; not our store; another config
         raise UserError(str(exc)) from None
     new = len(result.done) - len(result.skipped)
     print(f"store {result.store}: {len(result.done)} subject(s) ({new} new, {len(result.skipped)} already "
