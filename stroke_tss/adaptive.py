@@ -71,13 +71,8 @@ def _search_stopping(adapt: AdaptSection) -> StoppingSection:
 
 
 def _epoch_records(path: Path) -> list[dict]:
-    """log.jsonl, one record per epoch (a resumed epoch logged twice keeps its last line)."""
-    records: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            records[int(record["epoch"])] = record
-    return [records[k] for k in sorted(records)]
+    """log.jsonl, one record per epoch (train_phase drops the lines of epochs a resume redoes)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def depth_row(out_dir: Path, depth: int, frozen: list[str], adapt: AdaptSection) -> dict:
