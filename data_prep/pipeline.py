@@ -118,8 +118,8 @@ def preprocess_subject(row: Mapping, *, config: PrepConfig, reference: Mapping |
         if header:
             transforms[name] = reg.transform
         else:
-            co = rg.register(anchor, image, kind="rigid", seed=config.registration_seed,
-                             sampling=config.sampling_fraction, fixed_mask=brain_native, shrink=rg.levels(anchor, config.spacing_mm)[1:])
+            co = rg.coregister(anchor, image, brain_native, seed=config.registration_seed,
+                               sampling=config.sampling_fraction, finest_mm=config.spacing_mm)
             transforms[name] = rg.compose(reg.transform, co.transform)
     grid = pp.grid_image(config)
     if brain_native is None:
