@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from stroke_tss.errors import UserError
-from stroke_tss.metrics import split_metrics
+from stroke_tss.metrics import phase_metrics
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def write_ensemble(run_dir: Path, name: str, members: list[str]) -> list[Path]:
             out = run_dir / name / fold / phase
             out.mkdir(parents=True, exist_ok=True)
             pred.to_csv(out / "predictions.csv", index=False)
-            (out / "metrics.json").write_text(json.dumps(split_metrics(pred), indent=1))
+            (out / "metrics.json").write_text(json.dumps(phase_metrics(pred), indent=1))
             (out / "members.json").write_text(json.dumps({"members": members}))
             written.append(out)
     return written

@@ -146,6 +146,14 @@ def split_metrics(pred: pd.DataFrame, *, val_split: str = "val") -> dict[str, di
             for name, g in pred.groupby("split", sort=False)}
 
 
+def phase_metrics(pred: pd.DataFrame) -> dict[str, dict]:
+    """A phase's metrics.json: hemisphere-level metrics per split, and under "subject" the same per split on
+    subject scores (lesion_present: does the subject have a lesion, max over hemispheres; onset tasks: mean
+    over the subject's lesion hemispheres), each level with its own validation threshold."""
+    how = "max" if set(pred["task"]) == {"lesion_present"} else "mean"
+    return {**split_metrics(pred), "subject": split_metrics(subject_scores(pred, how=how))}
+
+
 def pooled_metrics(folds: list[pd.DataFrame], *, test_split: str = "test", val_split: str = "val",
                    num_resamples: int = 10_000, seed: int = 0) -> dict:
     """Pooled out-of-fold test metrics: each fold's test rows binarised at that fold's validation threshold.

@@ -25,7 +25,7 @@ from stroke_tss.checkpoint import rng_state, save_weights, set_rng_state
 from stroke_tss.config.training import EngineSection, OptimizerSection, StoppingSection, TrainSection
 from stroke_tss.data import ShardedSampler, StoreDataset
 from stroke_tss.early_stop import EarlyStopping
-from stroke_tss.metrics import split_metrics
+from stroke_tss.metrics import phase_metrics
 from stroke_tss.optim import build_optimizer
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def predict(engine: Engine, dataset: StoreDataset, *, batch_size: int, num_worke
     index, prob = [], []
     with torch.no_grad():
         for batch in loader:
-            logits = model(batch["x"].to(engine.device))
+            logits = model(engine.inputs(batch["x"]))
             index += batch["index"].tolist()
             prob += torch.sigmoid(logits.float()).cpu().tolist()
     model.train(was_training)
@@ -143,7 +143,7 @@ def train_phase(model: nn.Module, datasets: dict[str, StoreDataset], out_dir: st
             if loop["step_in_epoch"] >= steps_cap:
                 break
             y = batch["y"].to(eng.device)
-            loss = bce(eng.model(batch["x"].to(eng.device)).float(), y)
+            loss = bce(eng.model(eng.inputs(batch["x"])).float(), y)
             eng.backward(loss)
             eng.step()
             loop["step_in_epoch"] += 1
@@ -207,7 +207,7 @@ def _finish(eng: Engine, datasets: dict[str, StoreDataset], out_dir: Path, *, ta
             frame = predict(eng, datasets[split], batch_size=train.eval_batch_size, num_workers=train.num_workers)
             frames.append(frame.assign(task=task, split=split))
     pred = pd.concat(frames, ignore_index=True)[["subject_id", "hemisphere", "task", "label", "probability", "split"]]
-    metrics = split_metrics(pred)
+    metrics = phase_metrics(pred)
     if eng.is_main:
         pred.to_csv(out_dir / "predictions.csv", index=False)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))

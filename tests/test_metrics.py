@@ -8,6 +8,7 @@ from sklearn import metrics as skm
 from stroke_tss.metrics import (
     binary_metrics,
     bootstrap_ci,
+    phase_metrics,
     pooled_metrics,
     sensitivity_at_specificity,
     split_metrics,
@@ -76,6 +77,25 @@ def test_subject_scores_pool_hemispheres():
     s = subject_scores(df).set_index("subject_id")
     assert s.loc["a", "label"] == 1 and s.loc["a", "probability"] == pytest.approx(0.5)
     assert subject_scores(df, how="max").set_index("subject_id").loc["a", "probability"] == 0.8
+
+
+@pytest.mark.parametrize("task, how", [("lesion_present", "max"), ("tss_lt_4h5", "mean")])
+def test_phase_metrics_hold_subject_level_metrics_per_split(task, how):
+    rng = np.random.default_rng(3)
+    rows = []
+    for split, n in (("val", 30), ("test", 40)):
+        for k in range(n):
+            y = int(rng.integers(0, 2))
+            for side in ("left", "right"):
+                rows.append((f"{split}-{k}", side, task, y * (side == "left" or how == "mean"),
+                             float(np.clip(0.3 * y + rng.normal(0.4, 0.2), 0, 1)), split))
+    pred = pd.DataFrame(rows, columns=["subject_id", "hemisphere", "task", "label", "probability", "split"])
+    got = phase_metrics(pred)
+    assert got["test"]["n"] == 80 and got["subject"]["test"]["n"] == 40
+    test = pred[pred["split"] == "test"].groupby("subject_id").agg(label=("label", "max"), p=("probability", how))
+    assert got["subject"]["test"]["auc"] == pytest.approx(skm.roc_auc_score(test["label"], test["p"]))
+    val = pred[pred["split"] == "val"].groupby("subject_id").agg(label=("label", "max"), p=("probability", how))
+    assert got["subject"]["val"]["threshold"] == youden_threshold(val["label"], val["p"])
 
 
 def test_bootstrap_resamples_subjects_and_covers_the_estimate():
