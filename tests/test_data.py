@@ -123,3 +123,23 @@ def test_sampler_shards_pad_oversample_and_resume():
     assert list(s) == full[4:] and len(s) == 5
     s.set_epoch(4)
     assert list(s) != full
+
+
+def test_fold_samples_keep_both_hemispheres_of_a_subject_in_one_role(store):
+    from collections import Counter
+
+    from data_prep.store import open_store
+    from stroke_tss.splits import fold_of, make_splits
+
+    table = open_store(store).table
+    splits = make_splits(list(table["subject_id"]), num_folds=3, seed=1)
+    for k in range(3):
+        roles = fold_of(splits, k)
+        owner: dict[str, str] = {}
+        for role in ("train", "val", "test"):
+            samples, _ = task_samples(table, "lesion_present", roles[role])
+            assert samples, (k, role)
+            for s in samples:
+                assert owner.setdefault(s.subject_id, role) == role, (k, s.subject_id)
+            assert set(Counter(s.subject_id for s in samples).values()) == {2}, (k, role)
+        assert set(owner) == set(table["subject_id"])

@@ -12,7 +12,6 @@ from data_prep.config import PrepConfig
 from data_prep.store import assemble_table, create_or_extend, write_record, write_subject
 from stroke_tss.genesis import (
     GenesisCrops,
-    GenesisRates,
     bezier_intensity,
     flip_pair,
     in_paint,
@@ -158,18 +157,23 @@ def test_genesis_crops_from_store_are_reproducible_pairs(genesis_store):
         GenesisCrops(genesis_store, ["sub-zzz"], seed=0)
 
 
-def test_few_genesis_steps_lower_reconstruction_loss(genesis_store):
+def test_few_genesis_steps_lower_reconstruction_loss(tiny_store):
+    """A few steps on crops of the tiny phantom store, all four transforms at the official rates: the loss
+    falls below that of the best constant output (the crops' mean), so the net learned structure, not a level."""
+    from data_prep.store import open_store
+
     torch.manual_seed(0)
-    ds = GenesisCrops(genesis_store, ["sub-a", "sub-b", "sub-c"], crop=(16, 16, 16), seed=0, channels=["dwi"],
-                      crops_per_subject=2, rates=GenesisRates(local=0.0, paint=0.0))
-    batch = [torch.stack(t) for t in zip(*(ds[i] for i in range(len(ds))))]
-    model = build_model("unet3d", base_channels=4)
+    ds = GenesisCrops(tiny_store, open_store(tiny_store).subject_ids[:4], crop=(16, 16, 16), seed=0,
+                      crops_per_subject=2)
+    x, y = (torch.stack(t) for t in zip(*(ds[i] for i in range(len(ds)))))
+    constant = torch.nn.functional.mse_loss(torch.full_like(y, y.mean().item()), y).item()
+    model = build_model("unet3d", in_channels=3, base_channels=4)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(12):
+    for _ in range(40):
         opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(batch[0]), batch[1])
+        loss = torch.nn.functional.mse_loss(model(x), y)
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
+    assert np.mean(losses[-3:]) < 0.85 * constant < 0.85 * np.mean(losses[:3]), (constant, losses)
