@@ -60,6 +60,13 @@ class Engine:
         return self.rank == 0
 
     # -- training ---------------------------------------------------------------------------------------
+    input_dtype: torch.dtype | None = None  # set where the engine runs the model in bf16/fp16
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch onto the engine's device, in the dtype its model computes in."""
+        x = x.to(self.device, non_blocking=True)
+        return x.to(self.input_dtype) if self.input_dtype is not None and x.is_floating_point() else x
+
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
 
@@ -183,6 +190,10 @@ class DDPEngine(Engine):
             raise ValueError("the ddp engine needs torch.distributed initialised (run under torchrun or srun)")
         super().__init__(model, optimizer, device=device)
         ids = [self.device.index] if self.device.type == "cuda" else None
+        if self.device.type == "cuda":
+            # Batch statistics over all ranks' samples (a few volumes per GPU); same parameter tensors, so the
+            # optimizer built on them stays valid. Gloo has no SyncBatchNorm: CPU ranks keep their BatchNorm.
+            self.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
         self.model = nn.parallel.DistributedDataParallel(
             self.module, device_ids=ids, find_unused_parameters=find_unused_parameters)
 
@@ -207,6 +218,10 @@ class DeepSpeedEngine(Engine):
             # bf16/fp16 and CUDA-only optimizers make no sense on the CPU accelerator.
             config.pop("bf16", None)
             config.pop("fp16", None)
+        # DeepSpeed casts the parameters, not the inputs: the loop's batches must come in the same dtype.
+        for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            if config.get(key, {}).get("enabled", False):
+                self.input_dtype = dtype
         self.device = device or torch.device("cpu")
         self.module = model.to(self.device)
         self.optimizer = optimizer

@@ -58,7 +58,7 @@ def pretrain_genesis(cfg: Config) -> Path:
         engine.train()
         total, n = 0.0, 0
         for x, y in loader:
-            loss = mse(engine.model(x.to(engine.device)), y.to(engine.device))
+            loss = mse(engine.model(engine.inputs(x)).float(), y.to(engine.device))
             engine.backward(loss)
             engine.step()
             total, n = total + float(loss.detach()) * len(x), n + len(x)
