@@ -3,6 +3,15 @@
 A sample is (subject, hemisphere, label). Hemisphere tasks read ``store.hemisphere`` (right flipped onto
 left); ``mrs_gt_2`` reads the whole volume. Augmentation of item i in epoch e draws from a generator
 seeded by (seed, e, i), so batches do not depend on worker count and a resumed run sees the same data.
+
+Lesion swap (``augment.lesion_swap``, lesion_present only): with that probability a hemisphere trades
+lesions with its mirror image, which the store holds on the same grid. Voxels under this half's lesion mask
+(dilated one voxel, soft-edged) take the other half's values, and the other half's lesion is pasted in; the
+label becomes the other half's. A subject's anatomy then shows up both with and without a lesion, so the
+network cannot score anatomy; without it, the paper's networks from random initialisation memorised the
+training hemispheres of a phantom cohort of 80 subjects and stayed near chance on held-out ones (the paper
+starts its 2D network from ImageNet weights, which we cannot download). Within one subject, as in CarveMix
+(Zhang et al., MICCAI 2021) but without moving a lesion between brains.
 """
 
 from __future__ import annotations
@@ -77,7 +86,7 @@ def task_samples(table: pd.DataFrame, task: str, subject_ids: Sequence[str] | No
             skipped += 1
             continue
         if task == "lesion_present":
-            samples += [Sample(sid, s, int(sides[s])) for s in SIDES]
+            samples += [Sample(sid, s, int(sides[s]), _side_name(sides)) for s in SIDES]
             continue
         onset = pd.to_numeric(row.get("onset_to_mri_min"), errors="coerce")
         lesion_halves = [s for s in SIDES if sides[s]]
@@ -103,6 +112,20 @@ def subject_strata(table: pd.DataFrame, task: str) -> list[str]:
     return [str(labels.get(sid, "unknown")) for sid in table["subject_id"]]
 
 
+def _soft_mask(mask: np.ndarray) -> np.ndarray:
+    from scipy.ndimage import binary_dilation, gaussian_filter
+
+    return np.clip(gaussian_filter(binary_dilation(mask > 0).astype(np.float32), 0.7), 0.0, 1.0)
+
+
+def swap_lesions(own: np.ndarray, other: np.ndarray, own_mask: np.ndarray, other_mask: np.ndarray) -> np.ndarray:
+    """``own`` hemisphere (C, Z, Y, X) with its lesion replaced by the mirror half's tissue and the mirror
+    half's lesion pasted in (masks (Z, Y, X) on the same mirrored grid)."""
+    w_own, w_other = _soft_mask(own_mask), _soft_mask(other_mask)
+    x = own * (1 - w_own) + other * w_own
+    return (x * (1 - w_other) + other * w_other).astype(np.float32)
+
+
 def augment(x: np.ndarray, rng: np.random.Generator, *, gamma: tuple[float, float] | None = None,
             rotate_z_deg: float = 0.0, noise_std: float = 0.0) -> np.ndarray:
     """Gamma on min-max scaled intensities, in-plane rotation about z, Gaussian noise; (C, Z, Y, X)."""
@@ -126,6 +149,8 @@ class StoreDataset(Dataset):
 
     def __init__(self, store_path: str | Path, samples: Sequence[Sample], *, channels: Sequence[str] | None = None,
                  intensity: str = "zscore", augment: dict | None = None, seed: int = 0):
+        """``augment``: keyword arguments of `augment`, plus ``lesion_swap`` (probability; hemisphere samples
+        of lesion_present only, see the module docstring)."""
         from data_prep.store import open_store
 
         self.store = open_store(store_path)  # pickles as its path: each worker reopens it
@@ -139,7 +164,10 @@ class StoreDataset(Dataset):
         self.channel_index = [names.index(c) for c in wanted]
         self.samples = list(samples)
         self.intensity = intensity
-        self.augment = augment or {}
+        self.augment = dict(augment or {})
+        self.lesion_swap = float(self.augment.pop("lesion_swap", 0.0))
+        if self.lesion_swap and any(smp.hemisphere not in SIDES for smp in self.samples):
+            raise ValueError("augment.lesion_swap applies to hemisphere samples (lesion_present), not whole volumes")
         self.seed = seed
         self.epoch = 0
 
@@ -162,22 +190,44 @@ class StoreDataset(Dataset):
         keys = [f"{s.label}/{s.side}" for s in self.samples]
         return np.unique(keys, return_inverse=True)[1].astype(np.int64)
 
-    def read(self, index: int) -> np.ndarray:
+    def _hemisphere_mask(self, sid: str, side: str) -> np.ndarray | None:
+        lesion = self.store.lesion(sid)
+        if lesion is None:
+            return None
+        half = lesion.shape[-1] // 2
+        return lesion[..., :half] if side == "left" else lesion[..., half:][..., ::-1]
+
+    def _swapped(self, s: Sample) -> tuple[np.ndarray, int] | None:
+        """The hemisphere after trading lesions with its mirror half, and its new label; None without masks."""
+        other = "right" if s.hemisphere == "left" else "left"
+        own_mask, other_mask = (self._hemisphere_mask(s.subject_id, h) for h in (s.hemisphere, other))
+        if own_mask is None or s.side == "unknown":
+            return None
+        x = swap_lesions(self.store.hemisphere(s.subject_id, s.hemisphere), self.store.hemisphere(s.subject_id, other),
+                         own_mask, other_mask)
+        return x, int(s.side in (other, "bilateral"))
+
+    def read(self, index: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, int]:
+        """Item ``index`` (channels selected, intensity mapped) and its label; ``rng`` draws the lesion swap."""
         s = self.samples[index]
-        x = self.store.volume(s.subject_id) if s.hemisphere == "both" else self.store.hemisphere(s.subject_id, s.hemisphere)
+        x, label = None, s.label
+        if self.lesion_swap and rng is not None and rng.random() < self.lesion_swap:
+            x, label = self._swapped(s) or (None, label)
+        if x is None:
+            x = self.store.volume(s.subject_id) if s.hemisphere == "both" else self.store.hemisphere(s.subject_id, s.hemisphere)
         x = x[self.channel_index]
         if self.intensity == "unit":
             from stroke_tss.genesis import scale_to_unit
 
             x = scale_to_unit(x)
-        return x
+        return x, label
 
     def __getitem__(self, index: int) -> dict:
-        x = self.read(index)
+        rng = np.random.default_rng((self.seed, self.epoch, index)) if self.augment or self.lesion_swap else None
+        x, label = self.read(index, rng)
         if self.augment:
-            x = augment(x, np.random.default_rng((self.seed, self.epoch, index)), **self.augment)
-        return {"x": torch.from_numpy(np.ascontiguousarray(x)), "y": torch.tensor(float(self.samples[index].label)),
-                "index": index}
+            x = augment(x, rng, **self.augment)
+        return {"x": torch.from_numpy(np.ascontiguousarray(x)), "y": torch.tensor(float(label)), "index": index}
 
 
 class ShardedSampler(Sampler[int]):

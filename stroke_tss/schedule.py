@@ -116,6 +116,8 @@ def phase_datasets(cfg: Config, phase: PhaseSection, subjects: dict[str, list[st
         if skipped:
             log.info("%s %s: %d subjects without a %s label skipped", where, split, skipped, phase.task)
         augment = cfg.train.augment.model_dump(exclude_defaults=True) if split == "train" else None
+        if augment and phase.task != "lesion_present":
+            augment.pop("lesion_swap", None)  # it relabels lesion presence; onset and outcome labels stay put
         datasets[split] = StoreDataset(cfg.data.store, samples, channels=cfg.data.channels,
                                        intensity=cfg.train.intensity, augment=augment, seed=cfg.seed)
     if not len(datasets["train"]) or not len(datasets["val"]):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from stroke_tss.data import ShardedSampler, StoreDataset, augment, task_samples
 
@@ -93,6 +94,34 @@ def test_dataset_reads_flipped_hemispheres_from_a_real_store(store):
         assert (blob > 2) == bool(s.label), (s, blob)
     with pytest.raises(ValueError, match="channels \\['adc'\\] not in"):
         StoreDataset(store, samples, channels=["adc"])
+
+
+def test_lesion_swap_trades_lesions_with_the_mirror_half_and_relabels(store):
+    from data_prep.store import open_store
+
+    table = open_store(store).table
+    samples, _ = task_samples(table, "lesion_present", ["sub-00", "sub-01", "sub-02", "sub-03"])  # L, R, none, both
+    plain = StoreDataset(store, samples)
+    swapped = StoreDataset(store, samples, augment={"lesion_swap": 1.0})
+    for i, s in enumerate(samples):
+        other = next(o for o in samples if o.subject_id == s.subject_id and o.hemisphere != s.hemisphere)
+        item = swapped[i]
+        assert int(item["y"]) == other.label, (s, int(item["y"]))
+        blob = item["x"][0, 2:6, 10:20, 8:20].mean().item()
+        assert (blob > 2) == bool(other.label), (s, blob)  # the DWI lesion moved with the label
+        # far from both lesions the hemisphere is its own tissue, not the mirror half's
+        assert torch.equal(item["x"][:, :, 24:, 24:], plain[i]["x"][:, :, 24:, 24:]), s
+        if s.side == "none":
+            assert torch.equal(item["x"], plain[i]["x"]), s
+    half = StoreDataset(store, samples, augment={"lesion_swap": 0.5}, seed=1)
+    relabelled = []
+    for epoch in range(8):
+        half.set_epoch(epoch)
+        relabelled += [int(half[i]["y"]) != s.label for i, s in enumerate(samples) if s.side in ("left", "right")]
+    assert 0.25 < np.mean(relabelled) < 0.75, relabelled  # about half of the one-sided subjects' items
+    mrs, _ = task_samples(table, "mrs_gt_2", ["sub-00"])
+    with pytest.raises(ValueError, match="lesion_swap"):
+        StoreDataset(store, mrs, augment={"lesion_swap": 0.5})
 
 
 def test_augmentation_is_seeded_per_item_and_epoch(store):

@@ -54,6 +54,9 @@ class AugmentSection(Section):
     """Random in-plane rotation about the z axis, +- degrees; 0 = off."""
     noise_std: float = Field(0.0, ge=0)
     """Standard deviation of added Gaussian noise (in z-score units); 0 = off."""
+    lesion_swap: float = Field(0.0, ge=0, le=1)
+    """lesion_present phases: probability that a hemisphere trades lesions with its mirror half (needs lesion
+    masks in the store; see stroke_tss.data); 0 = off."""
 
 
 class TrainSection(Section):
