@@ -28,6 +28,22 @@ def test_extends_merges_sections_key_by_key(base_yaml, tmp_path):
     assert (cfg.cv.kind, cfg.cv.folds, cfg.seed) == ("loso", 4, 3)
 
 
+def test_a_variant_drops_a_phase_with_null_and_keeps_the_rest(tmp_path):
+    from stroke_tss.schedule import resolve_variant
+
+    path = tmp_path / "v.yaml"
+    path.write_text("data: {store: s.zarr}\nrun: {dir: r}\n"
+                    "train: {augment: {gamma: [0.9, 1.1]}}\n"
+                    "phases:\n  lesion: {task: lesion_present}\n  tss4h5: {task: tss_lt_4h5, init: lesion}\n"
+                    "variants:\n  full: {}\n"
+                    "  scratch: {phases: {lesion: null, tss4h5: {init: random}}, train: {augment: {gamma: null}}}\n")
+    cfg = load_config(path)
+    assert list(resolve_variant(cfg, "full").phases) == ["lesion", "tss4h5"]
+    scratch = resolve_variant(cfg, "scratch")
+    assert list(scratch.phases) == ["tss4h5"] and scratch.phases["tss4h5"].init == "random"
+    assert scratch.train.augment.gamma is None  # null on a value (not a mapping) still sets it
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

@@ -66,10 +66,13 @@ def read_yaml_tree(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
 
 
 def merge(base: dict, update: dict) -> dict:
-    """Deep merge: mappings key by key, everything else replaced by `update`."""
+    """Deep merge: mappings key by key, everything else replaced by `update`; null in `update` removes a
+    mapping (e.g. a variant drops a phase: `phases: {lesion: null}`)."""
     out = copy.deepcopy(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if value is None and isinstance(out.get(key), dict):
+            del out[key]
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
