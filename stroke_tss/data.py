@@ -10,8 +10,14 @@ lesions with its mirror image, which the store holds on the same grid. Voxels un
 label becomes the other half's. A subject's anatomy then shows up both with and without a lesion, so the
 network cannot score anatomy; without it, the paper's networks from random initialisation memorised the
 training hemispheres of a phantom cohort of 80 subjects and stayed near chance on held-out ones (the paper
-starts its 2D network from ImageNet weights, which we cannot download). Within one subject, as in CarveMix
-(Zhang et al., MICCAI 2021) but without moving a lesion between brains.
+starts its 2D network from ImageNet weights, which we cannot download). Within one subject; CarveMix
+(Zhang et al., MICCAI 2021) mixes lesions between subjects the same way.
+
+Lesion transplant (``augment.lesion_transplant``, onset tasks only): with that probability the sample's
+lesion (all channels under its soft-edged mask) is carved into the healthy half of another subject of the
+dataset, at the same place on the common grid; the label (the donor's onset) stays. The onset signal lives
+in the lesion's FLAIR and b0 contrast, so the label travels with the lesion while the anatomy around it is
+someone else's: the network cannot tie onset labels to the brains it trains on.
 """
 
 from __future__ import annotations
@@ -93,7 +99,7 @@ def task_samples(table: pd.DataFrame, task: str, subject_ids: Sequence[str] | No
         if pd.isna(onset) or not lesion_halves:
             skipped += 1
             continue
-        samples += [Sample(sid, s, int(onset < _TSS_LIMIT_MIN[task])) for s in lesion_halves]
+        samples += [Sample(sid, s, int(onset < _TSS_LIMIT_MIN[task]), _side_name(sides)) for s in lesion_halves]
     return samples, skipped
 
 
@@ -149,8 +155,8 @@ class StoreDataset(Dataset):
 
     def __init__(self, store_path: str | Path, samples: Sequence[Sample], *, channels: Sequence[str] | None = None,
                  intensity: str = "zscore", augment: dict | None = None, seed: int = 0):
-        """``augment``: keyword arguments of `augment`, plus ``lesion_swap`` (probability; hemisphere samples
-        of lesion_present only, see the module docstring)."""
+        """``augment``: keyword arguments of `augment`, plus ``lesion_swap`` (lesion_present) and
+        ``lesion_transplant`` (onset tasks), probabilities; see the module docstring."""
         from data_prep.store import open_store
 
         self.store = open_store(store_path)  # pickles as its path: each worker reopens it
@@ -166,8 +172,11 @@ class StoreDataset(Dataset):
         self.intensity = intensity
         self.augment = dict(augment or {})
         self.lesion_swap = float(self.augment.pop("lesion_swap", 0.0))
-        if self.lesion_swap and any(smp.hemisphere not in SIDES for smp in self.samples):
-            raise ValueError("augment.lesion_swap applies to hemisphere samples (lesion_present), not whole volumes")
+        self.lesion_transplant = float(self.augment.pop("lesion_transplant", 0.0))
+        if (self.lesion_swap or self.lesion_transplant) and any(smp.hemisphere not in SIDES for smp in self.samples):
+            raise ValueError("augment.lesion_swap and lesion_transplant apply to hemisphere samples, not whole volumes")
+        # recipients of transplants: subjects with a lesion on one side only (the other half is healthy)
+        self._recipients = [smp for smp in self.samples if smp.side in SIDES]
         self.seed = seed
         self.epoch = 0
 
@@ -207,12 +216,26 @@ class StoreDataset(Dataset):
                          own_mask, other_mask)
         return x, int(s.side in (other, "bilateral"))
 
+    def _transplanted(self, s: Sample, rng: np.random.Generator) -> np.ndarray | None:
+        """The lesion of ``s`` carved into the healthy half of another subject; None without masks/recipients."""
+        others = [r for r in self._recipients if r.subject_id != s.subject_id]
+        mask = self._hemisphere_mask(s.subject_id, s.hemisphere)
+        if not others or mask is None or not mask.any():
+            return None
+        r = others[int(rng.integers(len(others)))]
+        healthy = self.store.hemisphere(r.subject_id, "right" if r.side == "left" else "left")
+        w = _soft_mask(mask)
+        return (healthy * (1 - w) + self.store.hemisphere(s.subject_id, s.hemisphere) * w).astype(np.float32)
+
     def read(self, index: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, int]:
-        """Item ``index`` (channels selected, intensity mapped) and its label; ``rng`` draws the lesion swap."""
+        """Item ``index`` (channels selected, intensity mapped) and its label; ``rng`` draws the lesion swap
+        or transplant."""
         s = self.samples[index]
         x, label = None, s.label
         if self.lesion_swap and rng is not None and rng.random() < self.lesion_swap:
             x, label = self._swapped(s) or (None, label)
+        if self.lesion_transplant and rng is not None and rng.random() < self.lesion_transplant:
+            x = self._transplanted(s, rng)
         if x is None:
             x = self.store.volume(s.subject_id) if s.hemisphere == "both" else self.store.hemisphere(s.subject_id, s.hemisphere)
         x = x[self.channel_index]
@@ -223,7 +246,8 @@ class StoreDataset(Dataset):
         return x, label
 
     def __getitem__(self, index: int) -> dict:
-        rng = np.random.default_rng((self.seed, self.epoch, index)) if self.augment or self.lesion_swap else None
+        drawn = self.augment or self.lesion_swap or self.lesion_transplant
+        rng = np.random.default_rng((self.seed, self.epoch, index)) if drawn else None
         x, label = self.read(index, rng)
         if self.augment:
             x = augment(x, rng, **self.augment)

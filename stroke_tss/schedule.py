@@ -118,6 +118,8 @@ def phase_datasets(cfg: Config, phase: PhaseSection, subjects: dict[str, list[st
         augment = cfg.train.augment.model_dump(exclude_defaults=True) if split == "train" else None
         if augment and phase.task != "lesion_present":
             augment.pop("lesion_swap", None)  # it relabels lesion presence; onset and outcome labels stay put
+        if augment and phase.task not in ("tss_lt_3h", "tss_lt_4h5"):
+            augment.pop("lesion_transplant", None)  # the label must live in the lesion: onset only
         datasets[split] = StoreDataset(cfg.data.store, samples, channels=cfg.data.channels,
                                        intensity=cfg.train.intensity, augment=augment, seed=cfg.seed)
     if not len(datasets["train"]) or not len(datasets["val"]):

@@ -124,6 +124,30 @@ def test_lesion_swap_trades_lesions_with_the_mirror_half_and_relabels(store):
         StoreDataset(store, mrs, augment={"lesion_swap": 0.5})
 
 
+def test_lesion_transplant_carves_the_lesion_into_another_subjects_healthy_half(store):
+    from data_prep.store import open_store
+
+    st = open_store(store)
+    samples, _ = task_samples(st.table, "tss_lt_4h5")
+    moved = StoreDataset(store, samples, augment={"lesion_transplant": 1.0}, seed=2)
+    one_sided = {s.subject_id for s in samples if s.side in ("left", "right")}
+    for i, s in enumerate(samples):
+        item = moved[i]
+        assert int(item["y"]) == s.label, s  # the onset label travels with the lesion
+        own = st.hemisphere(s.subject_id, s.hemisphere)
+        core = np.zeros(own.shape[1:], bool)
+        core[3:5, 12:18, 10:18] = True  # inside the lesion on the mirrored grid, away from the soft edge
+        assert np.allclose(item["x"].numpy()[:, core], own[:, core], atol=1e-3), s
+        # outside the lesion: the healthy half of some other one-sided subject, not this brain
+        outside = item["x"].numpy()[:, :, 24:, 24:]
+        donors = [sid for sid in one_sided - {s.subject_id} for side in ("left", "right")
+                  if np.allclose(outside, st.hemisphere(sid, side)[:, :, 24:, 24:])
+                  and st.table.set_index("subject_id").loc[sid, "stroke_side"] != side]
+        assert len(donors) == 1, (s, donors)
+    with pytest.raises(ValueError, match="lesion_transplant"):
+        StoreDataset(store, task_samples(st.table, "mrs_gt_2")[0], augment={"lesion_transplant": 0.5})
+
+
 def test_augmentation_is_seeded_per_item_and_epoch(store):
     from data_prep.store import open_store
 

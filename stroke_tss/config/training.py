@@ -57,6 +57,9 @@ class AugmentSection(Section):
     lesion_swap: float = Field(0.0, ge=0, le=1)
     """lesion_present phases: probability that a hemisphere trades lesions with its mirror half (needs lesion
     masks in the store; see stroke_tss.data); 0 = off."""
+    lesion_transplant: float = Field(0.0, ge=0, le=1)
+    """Onset phases: probability that a sample's lesion is carved into another subject's healthy half, label
+    kept (needs lesion masks; see stroke_tss.data); 0 = off."""
 
 
 class TrainSection(Section):
