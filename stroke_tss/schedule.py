@@ -96,10 +96,11 @@ def _own_weights(path: Path, model_name: str) -> dict | None:
 def phase_model(cfg: Config, phase: PhaseSection, *, phase_dirs: dict[str, Path], run_dir: Path,
                 frozen: list[str] | None = None) -> nn.Module:
     """The phase's model, initialised and seeded, with `frozen` (default: the phase's own groups) held fixed."""
-    from stroke_tss.models import freeze, train_only
+    from stroke_tss.models import freeze, reinit, train_only
 
     torch.manual_seed(cfg.seed)
     model = build_phase_model(cfg, init=phase.init, phase_dirs=phase_dirs, run_dir=run_dir)
+    reinit(model, phase.reinit)
     if phase.train_only is not None:
         train_only(model, phase.train_only)
     else:

@@ -13,6 +13,7 @@ from stroke_tss.models import (
     convert_sync_batchnorm,
     freeze,
     param_groups,
+    reinit,
     train_only,
 )
 from stroke_tss.models.attention import GridAttentionGate
@@ -119,6 +120,18 @@ def test_groups_cover_every_parameter_once_in_order(name):
     ids = [id(p) for params in groups.values() for p in params]
     assert sorted(ids) == sorted(id(p) for p in model.parameters())
     assert backbone_groups(model)[:2] == ["stem", "block1"]
+
+
+@pytest.mark.parametrize("name", [n for n in MODEL_NAMES if n != "unet3d"])
+def test_reinit_draws_exactly_the_named_groups_afresh(name):
+    model = build_model(name, **NARROW[name])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(0.5)  # a trained model's values, far from any initialisation
+    reinit(model, ["head"])
+    for group, params in param_groups(model).items():
+        fresh = [p for p in params if not torch.all(p == 0.5)]
+        assert len(fresh) == (len(params) if group == "head" else 0), group
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

@@ -113,6 +113,9 @@ class PhaseSection(Section):
     """Settings of the depth search when freeze is `auto`."""
     train_only: list[str] | None = None
     """If set, only these groups train (the paper's attention phase); excludes `freeze`."""
+    reinit: list[str] = Field(default_factory=list)
+    """Groups re-initialised after loading `init`, e.g. [head] when the labels change meaning: a lesion
+    detector's head scores bright (late) lesions high, the opposite of onset < 4.5 h."""
     optimizer: OptimizerSection | None = None
     """Overrides train.optimizer for this phase."""
     stopping: StoppingSection | None = None

@@ -14,7 +14,7 @@ from torch import nn
 
 from stroke_tss.models.attnvgg3d import LIGHT_VARIANTS, AttnVGG3D
 from stroke_tss.models.encoder3d import AttentionEncoder3D
-from stroke_tss.models.groups import GROUP_NAMES, backbone_groups, freeze, param_groups, train_only
+from stroke_tss.models.groups import GROUP_NAMES, backbone_groups, freeze, param_groups, reinit, train_only
 from stroke_tss.models.norm import NORMS, convert_sync_batchnorm
 from stroke_tss.models.slicewise2d import SliceWise2D
 from stroke_tss.models.unet3d import UNet3D
@@ -53,4 +53,4 @@ def build_model(name: str, **options) -> nn.Module:
 
 
 __all__ = ["GROUP_NAMES", "LIGHT_VARIANTS", "MODEL_NAMES", "NORMS", "backbone_groups", "build_model",
-           "convert_sync_batchnorm", "freeze", "model_options", "param_groups", "train_only"]
+           "convert_sync_batchnorm", "freeze", "model_options", "param_groups", "reinit", "train_only"]

@@ -76,6 +76,16 @@ def freeze(model: nn.Module, groups: Iterable[str]) -> None:
             delattr(module, _SAVED_MOMENTUM)
 
 
+def reinit(model: nn.Module, groups: Iterable[str]) -> None:
+    """Re-initialise every layer of `groups` (their modules' own reset_parameters; seed torch first)."""
+    chosen = set(check_groups(groups))
+    prefixes = _prefixes(model)
+    for name, module in model.named_modules():
+        own = list(module.named_parameters(recurse=False))
+        if own and hasattr(module, "reset_parameters") and _owner(f"{name}.{own[0][0]}", prefixes) in chosen:
+            module.reset_parameters()
+
+
 def train_only(model: nn.Module, groups: Iterable[str]) -> None:
     """Train only `groups` (e.g. attention + slice_weights + head in the paper's phase 4); freeze the rest."""
     keep = set(check_groups(groups))
