@@ -234,7 +234,7 @@ class StoreDataset(Dataset):
         x, label = None, s.label
         if self.lesion_swap and rng is not None and rng.random() < self.lesion_swap:
             x, label = self._swapped(s) or (None, label)
-        if self.lesion_transplant and rng is not None and rng.random() < self.lesion_transplant:
+        elif self.lesion_transplant and rng is not None and rng.random() < self.lesion_transplant:
             x = self._transplanted(s, rng)
         if x is None:
             x = self.store.volume(s.subject_id) if s.hemisphere == "both" else self.store.hemisphere(s.subject_id, s.hemisphere)
