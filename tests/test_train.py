@@ -34,6 +34,37 @@ def _cli(*args: str) -> int:
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
+def test_two_ranks_run_the_schedule_and_predict_every_sample_once(store, tmp_path, engine):
+    """`stroke-tss train` under torchrun with 2 gloo ranks: each phase's predictions are gathered from both
+    ranks with the sampler's padding dropped, so every validation and test sample appears exactly once."""
+    from data_prep.store import open_store
+    from stroke_tss.data import task_samples
+    from stroke_tss.splits import fold_of, read_splits
+    from tests.test_engine_dist import free_port
+
+    run = tmp_path / "run"
+    engine_args = ["engine.kind=deepspeed", "engine.deepspeed_config=configs/deepspeed/zero2.json"] \
+        if engine == "deepspeed" else ["engine.kind=ddp"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "stroke_tss", "train", "configs/tss2d.yaml", "--fold", "0", "--variant", "2d",
+           f"data.store={store}", f"run.dir={run}", *SMALL, *engine_args]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = open_store(store).table
+    roles = fold_of(read_splits(run / "splits.json"), 0)
+    for phase, task in (("lesion", "lesion_present"), ("tss3h", "tss_lt_3h"), ("tss4h5", "tss_lt_4h5")):
+        pred = pd.read_csv(run / "2d" / "fold-0" / phase / "predictions.csv")
+        for split in ("val", "test"):
+            want = sorted((s.subject_id, s.hemisphere) for s in task_samples(table, task, roles[split])[0])
+            got = sorted(pred.query("split == @split")[["subject_id", "hemisphere"]].itertuples(index=False, name=None))
+            assert got == want, (phase, split)
+        done = json.loads(next((run / "2d" / "fold-0" / phase / "ckpt").glob("epoch-*/done")).read_text())
+        assert done == {"world_size": 2, "engine": engine}
+
+
+@pytest.mark.integration
 def test_2d_schedule_writes_every_phase_and_weights_rebuild_the_model(store, tmp_path):
     from stroke_tss.models import build_model
 
