@@ -199,27 +199,29 @@ class StoreDataset(Dataset):
         keys = [f"{s.label}/{s.side}" for s in self.samples]
         return np.unique(keys, return_inverse=True)[1].astype(np.int64)
 
-    def _hemisphere_mask(self, sid: str, side: str) -> np.ndarray | None:
+    def _hemisphere_masks(self, sid: str) -> dict[str, np.ndarray] | None:
+        """The lesion mask of each half on the mirrored hemisphere grid (as `store.hemisphere` reads them)."""
         lesion = self.store.lesion(sid)
         if lesion is None:
             return None
         half = lesion.shape[-1] // 2
-        return lesion[..., :half] if side == "left" else lesion[..., half:][..., ::-1]
+        return {"left": lesion[..., :half], "right": lesion[..., half:][..., ::-1]}
 
     def _swapped(self, s: Sample) -> tuple[np.ndarray, int] | None:
         """The hemisphere after trading lesions with its mirror half, and its new label; None without masks."""
         other = "right" if s.hemisphere == "left" else "left"
-        own_mask, other_mask = (self._hemisphere_mask(s.subject_id, h) for h in (s.hemisphere, other))
-        if own_mask is None or s.side == "unknown":
+        masks = self._hemisphere_masks(s.subject_id)
+        if masks is None or s.side == "unknown":
             return None
         x = swap_lesions(self.store.hemisphere(s.subject_id, s.hemisphere), self.store.hemisphere(s.subject_id, other),
-                         own_mask, other_mask)
+                         masks[s.hemisphere], masks[other])
         return x, int(s.side in (other, "bilateral"))
 
     def _transplanted(self, s: Sample, rng: np.random.Generator) -> np.ndarray | None:
         """The lesion of ``s`` carved into the healthy half of another subject; None without masks/recipients."""
         others = [r for r in self._recipients if r.subject_id != s.subject_id]
-        mask = self._hemisphere_mask(s.subject_id, s.hemisphere)
+        masks = self._hemisphere_masks(s.subject_id)
+        mask = None if masks is None else masks[s.hemisphere]
         if not others or mask is None or not mask.any():
             return None
         r = others[int(rng.integers(len(others)))]
