@@ -46,6 +46,10 @@ class PrepConfig(BaseModel):
     """Share of fixed-image voxels sampled by the MI metric."""
     zscore: bool = True
     """Z-score every channel inside the brain mask; voxels outside the brain become 0."""
+    normalize_on: Literal["normal_tissue", "brain"] = "normal_tissue"
+    """Voxels the z-score statistics and histogram landmarks come from: the brain minus the lesion (dilated by
+    one voxel) where a mask exists, or the whole brain. A large lesion otherwise shifts the statistics and,
+    under histogram matching, gets mapped onto normal tissue's intensities: its contrast is lost."""
     histogram_match: bool = True
     """Match each channel's in-brain histogram to the reference subject's (stored in the store attrs)."""
     reference_subject: str | None = None

@@ -136,6 +136,7 @@ def preprocess_subject(row: Mapping, *, config: PrepConfig, reference: Mapping |
         lesion_img = sitk.Cast(pp.load_ras(lesion_path, subject_id=sid, field="lesion_mask") > 0.5, sitk.sitkUInt8)
         lesion = pp.resample(lesion_img, transforms.get("dwi", reg.transform), grid, nearest=True)
     channels, qc, marks = [], {"registration_mi": reg.metric}, {}
+    tissue = pp.normal_tissue(brain, lesion) if config.normalize_on == "normal_tissue" else brain
     for name in config.channels:
         vol = pp.resample(images[name], transforms[name], grid).astype(np.float32)
         inside = vol[brain > 0]
@@ -145,12 +146,12 @@ def preprocess_subject(row: Mapping, *, config: PrepConfig, reference: Mapping |
             center, width = config.ct_window[name]
             vol = pp.ct_window(vol, center=center, width=width)
         elif config.zscore:
-            vol = pp.zscore(vol, brain)
-            marks[name] = pp.landmarks(vol, brain, num=config.histogram_landmarks,
+            vol = pp.zscore(vol, brain, tissue)
+            marks[name] = pp.landmarks(vol, tissue, num=config.histogram_landmarks,
                                           percentiles=config.histogram_percentiles).tolist()
             if config.histogram_match and reference is not None:
                 vol = pp.match_histogram(vol, brain, np.asarray(reference["channels"][name]),
-                                         percentiles=config.histogram_percentiles)
+                                         percentiles=config.histogram_percentiles, tissue=tissue)
         channels.append(vol)
     derived = derived_columns(brain, lesion, config=config)
     qc["brain_volume_ml"] = derived["brain_volume_ml"]

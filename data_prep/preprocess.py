@@ -116,9 +116,9 @@ def resample(image: sitk.Image, transform: sitk.Transform, grid: sitk.Image, *, 
     return sitk.GetArrayFromImage(out)
 
 
-def zscore(volume: np.ndarray, brain: np.ndarray) -> np.ndarray:
-    """Zero mean, unit variance inside the brain; 0 outside (the skull strip)."""
-    inside = volume[brain > 0]
+def zscore(volume: np.ndarray, brain: np.ndarray, tissue: np.ndarray | None = None) -> np.ndarray:
+    """Zero mean, unit variance inside the brain (statistics from `tissue`, default the brain); 0 outside."""
+    inside = volume[(brain if tissue is None else tissue) > 0]
     std = float(inside.std()) or 1.0
     return np.where(brain > 0, (volume - float(inside.mean())) / std, 0.0).astype(np.float32)
 
@@ -130,14 +130,15 @@ def landmarks(volume: np.ndarray, brain: np.ndarray, *, num: int,
 
 
 def match_histogram(volume: np.ndarray, brain: np.ndarray, reference: np.ndarray, *,
-                    percentiles: tuple[float, float] = (1.0, 99.0)) -> np.ndarray:
+                    percentiles: tuple[float, float] = (1.0, 99.0), tissue: np.ndarray | None = None) -> np.ndarray:
     """Piecewise-linear map of this volume's in-brain quantiles onto the reference's (Nyul-style).
 
     Outside the landmark range the map goes on linearly with the slope between the two end landmarks rather
     than clamping: the tails hold the lesion (bright on DWI, later on FLAIR), and clamping them onto the
-    reference's tail would erase the contrast the classifier needs.
+    reference's tail would erase the contrast the classifier needs. `tissue` (default: the brain) is where
+    this volume's landmarks come from, e.g. the brain without the lesion.
     """
-    own = landmarks(volume, brain, num=len(reference), percentiles=percentiles)
+    own = landmarks(volume, brain if tissue is None else tissue, num=len(reference), percentiles=percentiles)
     ref = np.asarray(reference, dtype=np.float64)
     # strictly increasing x for np.interp even where many voxels share a value
     own = own + np.arange(len(own)) * 1e-9 * max(1.0, float(np.abs(own).max()))
@@ -146,6 +147,17 @@ def match_histogram(volume: np.ndarray, brain: np.ndarray, reference: np.ndarray
     mapped = np.where(volume > own[-1], ref[-1] + (volume - own[-1]) * slope, mapped)
     mapped = np.where(volume < own[0], ref[0] + (volume - own[0]) * slope, mapped)
     return np.where(brain > 0, mapped, 0.0).astype(np.float32)
+
+
+def normal_tissue(brain: np.ndarray, lesion: np.ndarray | None, *, min_share: float = 0.5) -> np.ndarray:
+    """The brain without the lesion dilated by one voxel: where normalisation statistics come from. The
+    whole brain where there is no mask, or where less than `min_share` of the brain would be left."""
+    from scipy.ndimage import binary_dilation
+
+    if lesion is None or not lesion.any():
+        return brain
+    tissue = (brain > 0) & ~binary_dilation(lesion > 0)
+    return tissue.astype(np.uint8) if tissue.sum() >= min_share * (brain > 0).sum() else brain
 
 
 def ct_window(volume: np.ndarray, *, center: float, width: float) -> np.ndarray:
