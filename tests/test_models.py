@@ -55,6 +55,21 @@ def test_registry_builds_every_name_and_rejects_unknown_options():
         build_model("slicewise2d")
 
 
+@pytest.mark.parametrize("name", ["slicewise2d", "encoder3d"])
+def test_max_pool_option_takes_each_features_maximum(name):
+    model = build_model(name, **NARROW[name], pool="max").eval()
+    assert build_model(name, **model.init_args).init_args["pool"] == "max"
+    seen = []
+    model.pool.register_forward_hook(lambda _m, inputs, output: seen.append((inputs[0], output)) and None)
+    with torch.no_grad():
+        model(torch.rand(2, *INPUTS[name]))
+    assert seen
+    for features, pooled in seen:
+        assert torch.equal(pooled.flatten(1), features.flatten(2).amax(2))
+    with pytest.raises(ValueError, match="pool 'sum' is not one of avg, max"):
+        build_model(name, **NARROW[name], pool="sum")
+
+
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_output_shapes_at_two_sizes(name):
     model = build_model(name, **NARROW[name]).eval()

@@ -9,6 +9,10 @@ Gate placement: the paper quotes a 256x28x14 attention map for a 224x112 input, 
 stage has (stage 2 = 128x28x14, stage 3 = 256x14x7). `gate_stage=3` (default) keeps the 256 channels, gated
 by stage 4; `gate_stage=2` keeps the 28x14 grid with 128 channels. Slice weights are sigmoid-parametrised
 (always inside [0, 1], gradient everywhere) and start at 1/num_slices, so the sum starts as a mean.
+
+`pool="max"` takes each feature's maximum over the slice instead of its average: on a coarse grid (the 4 mm
+demo, a few feature cells per slice) a lesion of a few voxels is averaged away, while its strongest response
+survives a max (multiple-instance pooling). The paper's network averages.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch import nn
 
 from stroke_tss.models.attention import GridAttentionGate
 from stroke_tss.models.norm import check_norm, replace_norm
+from stroke_tss.models.pool import check_pool, make_pool
 
 
 def resnet18_backbone(*, in_channels: int, base_channels: int, norm: str) -> ResNet:
@@ -49,22 +54,23 @@ class SliceWise2D(nn.Module):
     model_name = "slicewise2d"
 
     def __init__(self, *, num_slices: int, in_channels: int = 3, base_channels: int = 64, norm: str = "batch",
-                 gate_stage: int = 3, adjacent_slices: int = 0, dropout: float = 0.0):
+                 gate_stage: int = 3, adjacent_slices: int = 0, dropout: float = 0.0, pool: str = "avg"):
         super().__init__()
         check_norm(norm)
+        check_pool(pool)
         if gate_stage not in (2, 3):
             raise ValueError(f"gate_stage must be 2 or 3 (gated by stage 4), got {gate_stage}")
         if num_slices < 1 or adjacent_slices < 0:
             raise ValueError(f"need num_slices >= 1 and adjacent_slices >= 0, got {num_slices}, {adjacent_slices}")
         self.init_args = {"num_slices": num_slices, "in_channels": in_channels, "base_channels": base_channels,
                           "norm": norm, "gate_stage": gate_stage, "adjacent_slices": adjacent_slices,
-                          "dropout": dropout}
+                          "dropout": dropout, "pool": pool}
         b = base_channels
         self.backbone = resnet18_backbone(in_channels=in_channels * (2 * adjacent_slices + 1),
                                           base_channels=b, norm=norm)
         gated = b * 2 ** (gate_stage - 1)
         self.gate = GridAttentionGate(gated, 8 * b, spatial_dims=2, norm=norm)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = make_pool(pool, spatial_dims=2)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(gated + 8 * b, 1)
         self.slice_weights = nn.Parameter(torch.full((num_slices,), -math.log(max(num_slices - 1, 1e-6))))
