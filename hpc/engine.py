@@ -81,6 +81,11 @@ class Engine:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
+    def scale_lr(self, factor: float) -> None:
+        """Set every parameter group's learning rate to `factor` times the rate it was built with."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Engine-neutral weights of the unwrapped model (full, on CPU)."""
         return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
@@ -234,6 +239,11 @@ class DeepSpeedEngine(Engine):
 
     def step(self) -> None:
         self.model.step()  # steps the optimizer at accumulation boundaries and clears gradients
+
+    def scale_lr(self, factor: float) -> None:
+        super().scale_lr(factor)
+        for group in self.ds_optimizer.param_groups:  # ZeRO's wrapper may hold its own group dicts
+            group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
 
     def zero_grad(self) -> None:
         self.model.zero_grad()

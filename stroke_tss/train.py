@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -123,6 +124,7 @@ def train_phase(model: nn.Module, datasets: dict[str, StoreDataset], out_dir: st
                  rank_state={"rng": rng_state()}, keep=train.keep_checkpoints)
 
     bce = nn.BCEWithLogitsLoss()
+    lr_factor = _lr_schedule(opt_cfg, stop_cfg.max_epochs * _steps_per_epoch(len(sampler), train))
     show_bar = eng.is_main and log.isEnabledFor(logging.INFO)
     stop = loop["epoch"] >= stop_cfg.max_epochs
     while not stop:
@@ -145,6 +147,8 @@ def train_phase(model: nn.Module, datasets: dict[str, StoreDataset], out_dir: st
             y = batch["y"].to(eng.device)
             loss = bce(eng.model(eng.inputs(batch["x"])).float(), y)
             eng.backward(loss)
+            if lr_factor is not None:
+                eng.scale_lr(lr_factor(loop["global_step"]))
             eng.step()
             loop["step_in_epoch"] += 1
             loop["global_step"] += 1
@@ -176,7 +180,25 @@ def train_phase(model: nn.Module, datasets: dict[str, StoreDataset], out_dir: st
         if stop or (epoch + 1) % train.ckpt_every_epochs == 0:
             save(f"epoch-{epoch + 1:04d}")
     eng.barrier()
-    return _finish(eng, datasets, out_dir, task=task, train=train)
+    return _finish(eng, datasets, out_dir, task=task, train=train, restore_best=stop_cfg.restore_best)
+
+
+def _steps_per_epoch(samples_per_rank: int, train: TrainSection) -> int:
+    steps = math.ceil(samples_per_rank / train.batch_size)
+    return min(steps, train.max_steps_per_epoch) if train.max_steps_per_epoch else steps
+
+
+def _lr_schedule(opt_cfg: OptimizerSection, total_steps: int):
+    """step -> learning-rate factor (None for a constant rate); a function of the step alone, so resumes agree."""
+    if opt_cfg.schedule == "constant":
+        return None
+    low = opt_cfg.min_lr_factor
+
+    def cosine(step: int) -> float:
+        progress = min(step / max(total_steps - 1, 1), 1.0)
+        return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return cosine
 
 
 def _trim_log(path: Path, *, from_epoch: int) -> None:
@@ -197,9 +219,10 @@ def _logged_epoch(line: str) -> float:
         return float("inf")
 
 
-def _finish(eng: Engine, datasets: dict[str, StoreDataset], out_dir: Path, *, task: str, train: TrainSection) -> dict:
+def _finish(eng: Engine, datasets: dict[str, StoreDataset], out_dir: Path, *, task: str, train: TrainSection,
+            restore_best: bool = True) -> dict:
     best = out_dir / "ckpt" / "best-weights.pt"
-    if best.exists():
+    if restore_best and best.exists():
         eng.module.load_state_dict(torch.load(best, map_location=eng.device, weights_only=True))
     frames = []
     for split in ("val", "test"):

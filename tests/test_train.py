@@ -96,10 +96,46 @@ def test_2d_schedule_writes_every_phase_and_weights_rebuild_the_model(store, tmp
     assert (run / "2d/fold-0/attention/weights.pt").stat().st_mtime_ns == before
 
 
+@pytest.mark.parametrize("restore_best", [True, False])
+def test_phase_weights_come_from_the_best_or_the_last_epoch(store, tmp_path, restore_best):
+    run = tmp_path / "run"
+    assert _cli("train", "configs/tss2d.yaml", "--fold", "0", "--variant", "2d", f"data.store={store}",
+                f"run.dir={run}", *SMALL, "train.stopping.max_epochs=3", "train.stopping.min_epochs=3",
+                "train.stopping.monitor=val_auc", f"train.stopping.restore_best={str(restore_best).lower()}") == 0
+    out = run / "2d/fold-0/lesion"
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 3
+    kept = torch.load(out / "weights.pt", weights_only=True)["state_dict"]
+    best = torch.load(out / "ckpt/best-weights.pt", weights_only=True)
+    last = torch.load(out / "ckpt/epoch-0003/state.pt", weights_only=True)["model"]
+    assert best.keys() == last.keys() == kept.keys()
+    assert all(torch.equal(kept[k], (best if restore_best else last)[k]) for k in kept)
+    if log[-1]["best_epoch"] != 2:  # the best epoch was not the last: the two choices differ
+        assert not all(torch.equal(best[k], last[k]) for k in kept)
+
+
 def _train_cmd(store: Path, run: Path) -> list[str]:
     return [sys.executable, "-m", "stroke_tss", "train", "configs/tss2d.yaml", "--fold", "0", "--variant", "2d",
             f"data.store={store}", f"run.dir={run}", *SMALL, "train.ckpt_every_steps=1",
-            "train.stopping.max_epochs=3", "phases.tss3h.task=tss_lt_3h"]
+            "train.stopping.max_epochs=3", "phases.tss3h.task=tss_lt_3h",
+            "train.optimizer.schedule=cosine"]  # the learning rate must follow the same curve after a resume
+
+
+def test_cosine_schedule_runs_from_lr_to_its_floor_over_max_epochs(tmp_path):
+    from hpc.engine import Engine
+    from stroke_tss.config.training import OptimizerSection
+    from stroke_tss.train import _lr_schedule
+
+    assert _lr_schedule(OptimizerSection(), 100) is None  # constant by default
+    curve = _lr_schedule(OptimizerSection(schedule="cosine", min_lr_factor=0.05), 100)
+    factors = [curve(step) for step in range(100)]
+    assert factors[0] == 1.0 and factors[-1] == pytest.approx(0.05)
+    assert all(a > b for a, b in zip(factors, factors[1:]))
+    model = torch.nn.Linear(2, 1)
+    engine = Engine(model, torch.optim.Adam(model.parameters(), lr=0.004))
+    engine.scale_lr(curve(50))
+    engine.scale_lr(curve(99))  # from the rate it was built with, not the last one set
+    assert engine.optimizer.param_groups[0]["lr"] == pytest.approx(0.004 * 0.05)
 
 
 @pytest.mark.integration

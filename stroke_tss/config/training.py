@@ -32,6 +32,11 @@ class OptimizerSection(Section):
     """L2 penalty (coupled, as in the original AdaBound)."""
     momentum: float = Field(0.9, ge=0)
     """SGD momentum."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """Learning rate over the phase: constant, or cosine from `lr` down to `lr * min_lr_factor` at the last
+    step of `max_epochs` (set from the step count, so a resumed run follows the same curve)."""
+    min_lr_factor: float = Field(0.01, ge=0, le=1)
+    """Cosine schedule: the final learning rate as a share of `lr`."""
 
 
 class StoppingSection(Section):
@@ -45,6 +50,10 @@ class StoppingSection(Section):
     """Validation quantity that defines 'best' and drives early stopping."""
     min_delta: float = Field(0.0, ge=0)
     """Smallest change that counts as an improvement."""
+    restore_best: bool = True
+    """Predict with the best epoch's weights (by `monitor`); false: with the last epoch's. On a small validation
+    split the best epoch is partly chosen by noise: with a cosine schedule and min_epochs = max_epochs the last
+    weights are the steadier choice."""
 
 
 class AugmentSection(Section):
