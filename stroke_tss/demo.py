@@ -40,7 +40,7 @@ class DemoSize:
 SIZES = {
     # 2-core CPU: 20 minutes in all at most, about 16 measured (README has the figure)
     "small": DemoSize(subjects=100, spacing_mm=4.0, prep_config="prep_4mm.yaml", experiment="demo.yaml",
-                      budgets_s={"synth": 60, "prep": 180, "cv": 870, "report": 60, "grad-cam": 30}),
+                      budgets_s={"synth": 30, "prep": 150, "cv": 960, "report": 30, "grad-cam": 30}),
     # a GPU cluster: the paper's grid and widths
     "paper": DemoSize(subjects=300, spacing_mm=2.0, prep_config=None, experiment="demo_paper.yaml",
                       budgets_s={"synth": 900, "prep": 3600, "cv": 6 * 3600, "report": 300, "grad-cam": 120}),
