@@ -15,8 +15,8 @@ class AttentionEncoder3D(Encoder3D):
 
     Levels 1 and 2 (128 and 256 channels at paper width) are gated by the deepest (512) level; the two gated
     maps and the deepest map are average-pooled (max-pooled with `pool="max"`, see slicewise2d), concatenated
-    and classified by one linear layer. Module names
-    match `unet3d`, so its encoder weights load by name (see `external.load_encoder_weights`).
+    and classified by one linear layer. Module names match `unet3d`, so its encoder weights load by name (see
+    `external.load_encoder_weights`).
     """
 
     model_name = "encoder3d"
