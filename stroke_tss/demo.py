@@ -38,7 +38,7 @@ class DemoSize:
 
 
 SIZES = {
-    # 2-core CPU: 20 minutes in all at most, about 16 measured (README has the figure)
+    # 2-core CPU: 20 minutes in all at most, about 17 measured (README has the figure)
     "small": DemoSize(subjects=100, spacing_mm=4.0, prep_config="prep_4mm.yaml", experiment="demo.yaml",
                       budgets_s={"synth": 30, "prep": 150, "cv": 960, "report": 30, "grad-cam": 30}),
     # a GPU cluster: the paper's grid and widths
