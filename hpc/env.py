@@ -8,8 +8,10 @@ one Slurm task per node and torchrun forks the ranks below it; the Slurm variabl
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -17,6 +19,7 @@ DEFAULT_PORT_BASE = 20000
 PORT_SPAN = 20000
 
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+_joined = False  # whether this process ever joined a process group (see `finish_process`)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -208,6 +211,8 @@ def init_distributed(env: DistEnv | None = None, *, timeout_s: float = 600.0) ->
         world_size=env.world_size,
         timeout=dt.timedelta(seconds=timeout_s),
     )
+    global _joined
+    _joined = True
     return env
 
 
@@ -216,3 +221,21 @@ def destroy_distributed() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def finish_process(code: int) -> int:
+    """End a process that joined a process group with `code`, skipping the interpreter's teardown.
+
+    A gloo rank whose work is done can still abort while the interpreter is torn down ("terminate called
+    without an active exception": a communication thread destroyed while joinable), turning a finished job
+    into exit -6; seen rarely with DeepSpeed ranks under torchrun even after a barrier and
+    `destroy_process_group`. So after leaving the group and flushing logs and stdio, such a process exits
+    at once with its own code. A process that never joined a group just gets `code` back.
+    """
+    if not _joined:
+        return code
+    destroy_distributed()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
-    from hpc.env import DistEnv, destroy_distributed, init_distributed
+    from hpc.env import DistEnv, finish_process, init_distributed
 
     torch.set_num_threads(1)
     env = init_distributed(DistEnv.from_environ(), timeout_s=args.timeout_s)
@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                    "backend": backend, "sum": value.item(), "expected": expected, "hosts": hosts,
                    "job_id": env.job_id}
         args.out.write_text(json.dumps(summary, indent=1))
-    destroy_distributed()
-    return 0 if ok else 1
+    return finish_process(0 if ok else 1)
 
 
 if __name__ == "__main__":

@@ -60,17 +60,20 @@ def main(argv: list[str] | None = None) -> int:
     # intermixed: `train CONFIG --fold 0 key=value` puts overrides after options
     args = verb_parser.parse_intermixed_args(argv[1:])
 
+    from hpc.env import finish_process
     from stroke_tss.logs import setup_logging
 
     setup_logging()
     try:
-        return int(module.main(args) or 0)
+        code = int(module.main(args) or 0)
     except UserError as exc:
         print(f"stroke-tss {verb}: error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print(f"stroke-tss {verb}: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    # a rank of a distributed job leaves here, past the interpreter teardown that can abort it (hpc.env)
+    return finish_process(code)
 
 
 if __name__ == "__main__":

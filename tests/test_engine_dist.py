@@ -59,7 +59,7 @@ def _params(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def _worker(mode: str, kind: str, name: str, out: Path) -> None:
     from hpc.engine import build_engine
-    from hpc.env import destroy_distributed, init_distributed
+    from hpc.env import finish_process, init_distributed
 
     env = init_distributed(timeout_s=20 if mode == "die" else 120)
     torch.set_num_threads(1)
@@ -89,10 +89,8 @@ def _worker(mode: str, kind: str, name: str, out: Path) -> None:
     if env.rank == 0:
         torch.save({"straight": straight, "resumed": _params(resumed.module), "gathered": gathered},
                    out / "result.pt")
-    # leave the group before exit: a rank that exits with gloo's threads alive may abort ("terminate called
-    # without an active exception") after its work is done
     torch.distributed.barrier()
-    destroy_distributed()
+    finish_process(0)  # leaves the group and exits past the teardown that can abort a finished rank
 
 
 def _reference(name: str) -> dict[str, torch.Tensor]:

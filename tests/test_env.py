@@ -111,3 +111,49 @@ def test_init_distributed_two_gloo_ranks(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["gloo 3.0", "gloo 3.0"]
+
+
+@pytest.mark.integration
+def test_finish_process_ends_a_rank_with_its_code_and_output_flushed(tmp_path):
+    """A rank leaves through finish_process: its exit code reaches torchrun, buffered output is not lost, and
+    nothing after the call runs. A process that never joined a group just gets its code back."""
+    import subprocess
+    import sys
+
+    from hpc.env import finish_process
+
+    assert finish_process(7) == 7  # this pytest process never joined a group: no exit
+    script = tmp_path / "fin.py"
+    script.write_text(
+        "import io, logging, logging.handlers, os, sys, time, torch.distributed as dist\n"
+        "from hpc.env import init_distributed, finish_process\n"
+        "env = init_distributed(timeout_s=60)\n"
+        "# both buffered until flushed (torchrun's `python -u` would write stdout at once; srun does not)\n"
+        "sys.stdout = io.TextIOWrapper(open(1, 'wb', closefd=False), write_through=False)\n"
+        f"log_file = logging.FileHandler(r'{tmp_path}/rank%d.log' % env.rank)\n"
+        "logging.getLogger().addHandler(logging.handlers.MemoryHandler(100, target=log_file))\n"
+        "logging.getLogger().setLevel(logging.INFO)\n"
+        "logging.info('rank %d logged', env.rank)\n"
+        "print(f'rank {env.rank} printed')\n"
+        "pids = [None, None]\n"
+        "dist.all_gather_object(pids, os.getpid())\n"
+        "def running(pid):\n"
+        "    try:\n"
+        "        return open(f'/proc/{pid}/stat').read().split()[2] != 'Z'\n"
+        "    except FileNotFoundError:\n"
+        "        return False\n"
+        "while env.rank == 1 and running(pids[0]):  # fail once rank 0 is gone: torchrun cannot stop it unflushed\n"
+        "    time.sleep(0.05)\n"
+        "finish_process(5 if env.rank == 1 else 0)\n"
+        f"open(r'{tmp_path}/after%d' % env.rank, 'w')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29518",
+         str(script)], capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode != 0
+    assert "exitcode  : 5" in out.stderr, out.stderr[-2000:]
+    assert "rank 0 printed" in out.stdout and "rank 1 printed" in out.stdout
+    assert [(tmp_path / f"rank{r}.log").read_text().strip() for r in (0, 1)] == \
+        ["rank 0 logged", "rank 1 logged"]
+    assert not list(tmp_path.glob("after*"))
