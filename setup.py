@@ -10,9 +10,10 @@ setup(
         "on Zarr stores, DDP/DeepSpeed and Slurm"
     ),
     python_requires=">=3.10",
-    packages=find_packages(include=["data_prep*", "stroke_tss*", "hpc*"]),
-    include_package_data=True,
-    package_data={"stroke_tss": ["configs/*.yaml", "configs/deepspeed/*.json"]},
+    # the top-level configs/ ships inside the package as stroke_tss/configs (found by stroke_tss.demo.CONFIGS)
+    packages=[*find_packages(include=["data_prep*", "stroke_tss*", "hpc*"]), "stroke_tss.configs"],
+    package_dir={"stroke_tss.configs": "configs"},
+    package_data={"stroke_tss.configs": ["*.yaml", "deepspeed/*.json"]},
     install_requires=[
         # 2.13.0 (the CPU wheel on the dev box) must satisfy this range; no torchvision.
         "torch>=2.4,<3",

@@ -23,7 +23,8 @@ from stroke_tss.stages import StageTimer
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
+# a checkout's configs/; an installed wheel carries the same files as stroke_tss/configs (setup.py)
+CONFIGS = REPO / "configs" if (REPO / "configs").is_dir() else Path(__file__).resolve().parent / "configs"
 SHARED_LESIONS = REPO.parent / "shared" / "data" / "soop" / "lesions"
 
 
