@@ -91,11 +91,14 @@ def test_phantom_trained_run_on_the_isles_case(tiny_store, tmp_path, capsys):
               for name, (task, steps) in phases.items()}
     (run / "config.yaml").write_text(yaml.safe_dump({"data": {"store": str(tiny_store)}}))
 
-    # Grad-CAM of the phantom detector on its own store: measured and printed, see the note below
+    # Grad-CAM of the phantom detector on its own store points at the lesions: its top 5% of the brain holds at
+    # least twice the share of the lesion that chance would on most lesion hemispheres (measured 6 of 9; a map
+    # blind to the lesion sits near 1x chance)
     hits = []
     for sid in train.subject_ids:
         heat = explain.subject_map(models["1_detect"], train, sid)
         hits += [s["ratio"] >= 2 for s in explain.hemisphere_scores(heat, train.lesion(sid), train.brain(sid)).values()]
+    assert 2 * sum(hits) > len(hits), hits
 
     manifest = tmp_path / "isles.csv"
     assert cli_main(["scan", str(ISLES), "-o", str(manifest)]) == 0
@@ -115,6 +118,8 @@ def test_phantom_trained_run_on_the_isles_case(tiny_store, tmp_path, capsys):
     result = explain.explain_subject(run / "phantom" / "fold-0" / "1_detect" / "weights.pt", new,
                                      "sub-strokecase0009", out_dir=tmp_path / "x")
     assert nib.load(result["nifti"]).shape == tuple(train.attrs["shape_xyz"])
+    # the real case is reported, not asserted: a detector trained 30 steps on 9 phantom subjects is not
+    # expected to find a real lesion (it has picked the wrong side, with Grad-CAM off the lesion)
     capsys.readouterr()
     with capsys.disabled():
         print(f"\nphantom store: Grad-CAM overlap >= 2x chance on {sum(hits)} of {len(hits)} lesion hemispheres; "
