@@ -27,7 +27,7 @@ from torch import nn
 from hpc.launch import launch_items
 from stroke_tss.config import Config
 from stroke_tss.config.training import AdaptSection, PhaseSection, StoppingSection
-from stroke_tss.cv import _RunTask
+from stroke_tss.cv import RunTask
 from stroke_tss.data import StoreDataset
 from stroke_tss.errors import UserError
 from stroke_tss.models import backbone_groups, freeze
@@ -221,7 +221,7 @@ def adapt_target(cfg: Config, *, variant: str, fold: int, phase: str, source: st
     return AdaptTarget(vcfg, target, build, datasets, fold_dir / phase)
 
 
-class AdaptTask(_RunTask):
+class AdaptTask(RunTask):
     """One depth of the search, or the final training at the chosen depth (read from adapt/table.json)."""
 
     def __init__(self, config: dict, *, variant: str, fold: int, phase: str, source: str) -> None:

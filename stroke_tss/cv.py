@@ -36,7 +36,7 @@ class FoldItem:
         return f"{self.variant}-fold-{self.fold}"
 
 
-class _RunTask(CheckpointableTask):
+class RunTask(CheckpointableTask):
     """A work item of the run: validate the config, join the item's process group, do the work."""
 
     def __init__(self, config: dict[str, Any]) -> None:
@@ -58,7 +58,7 @@ class _RunTask(CheckpointableTask):
         raise NotImplementedError
 
 
-class FoldTask(_RunTask):
+class FoldTask(RunTask):
     """One (variant, fold) schedule; resumes from the run folder, so a requeue continues where it stopped."""
 
     def work(self, cfg: Config, item: FoldItem, *, is_main: bool) -> dict:
@@ -69,7 +69,7 @@ class FoldTask(_RunTask):
         return {key: value.get("test", value) for key, value in results.items()} if is_main else {}
 
 
-class GenesisTask(_RunTask):
+class GenesisTask(RunTask):
     """Models Genesis pretraining of the run (once, shared by every fold)."""
 
     def work(self, cfg: Config, item: str, *, is_main: bool) -> str:
