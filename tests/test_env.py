@@ -121,6 +121,7 @@ def test_finish_process_ends_a_rank_with_its_code_and_output_flushed(tmp_path):
     import sys
 
     from hpc.env import finish_process
+    from tests.test_engine_dist import free_port
 
     assert finish_process(7) == 7  # this pytest process never joined a group: no exit
     script = tmp_path / "fin.py"
@@ -148,7 +149,7 @@ def test_finish_process_ends_a_rank_with_its_code_and_output_flushed(tmp_path):
         f"open(r'{tmp_path}/after%d' % env.rank, 'w')\n"
     )
     out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29518",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
          str(script)], capture_output=True, text=True, timeout=120,
     )
     assert out.returncode != 0
