@@ -35,6 +35,11 @@ def _tag_dirs(ckpt_dir: Path) -> list[Path]:
     return sorted(tags, key=lambda p: (p / "done").stat().st_mtime_ns)
 
 
+def _scale_groups(groups: list[dict], factor: float) -> None:
+    for group in groups:
+        group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
+
+
 class Engine:
     """Single-process engine; the base of the others."""
 
@@ -83,8 +88,7 @@ class Engine:
 
     def scale_lr(self, factor: float) -> None:
         """Set every parameter group's learning rate to `factor` times the rate it was built with."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
+        _scale_groups(self.optimizer.param_groups, factor)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Engine-neutral weights of the unwrapped model (full, on CPU)."""
@@ -242,8 +246,7 @@ class DeepSpeedEngine(Engine):
 
     def scale_lr(self, factor: float) -> None:
         super().scale_lr(factor)
-        for group in self.ds_optimizer.param_groups:  # ZeRO's wrapper may hold its own group dicts
-            group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
+        _scale_groups(self.ds_optimizer.param_groups, factor)  # ZeRO's wrapper may hold its own group dicts
 
     def zero_grad(self) -> None:
         self.model.zero_grad()

@@ -220,7 +220,7 @@ def _logged_epoch(line: str) -> float:
 
 
 def _finish(eng: Engine, datasets: dict[str, StoreDataset], out_dir: Path, *, task: str, train: TrainSection,
-            restore_best: bool = True) -> dict:
+            restore_best: bool) -> dict:
     best = out_dir / "ckpt" / "best-weights.pt"
     if restore_best and best.exists():
         eng.module.load_state_dict(torch.load(best, map_location=eng.device, weights_only=True))
