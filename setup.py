@@ -40,7 +40,8 @@ setup(
         "psutil>=5.9",
     ],
     extras_require={
-        "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "hypothesis>=6.80", "ruff>=0.4", "adabound==0.0.5"],
+        "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "hypothesis>=6.80", "ruff>=0.4", "adabound==0.0.5",
+                "import-linter>=2.16"],
     },
     entry_points={"console_scripts": ["stroke-tss=stroke_tss.cli:main"]},
 )

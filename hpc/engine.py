@@ -1,15 +1,15 @@
 """Training engines behind one small interface: one process, DDP, or DeepSpeed.
 
-The training loop only calls ``forward`` (via ``engine.model``), ``backward``, ``step``, ``save``,
-``load``, ``barrier`` and ``gather``; it never branches on the engine kind. Nothing here knows about
-strokes: an engine wraps any ``nn.Module`` and optimizer.
+The training loop only calls ``forward`` (via ``engine.model``), ``backward``, ``step``, ``barrier`` and
+``gather``, and checkpoints through ``hpc.checkpoint.Checkpoints``, which leaves only the on-disk format of
+model and optimizer to the engine (``save_states`` / ``load_states``); it never branches on the engine kind.
+Nothing here knows about strokes: an engine wraps any ``nn.Module`` and optimizer.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +20,10 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 ENGINE_KINDS = ("local", "ddp", "deepspeed")
-_LATEST = "latest"
 
 
 def _dist_on() -> bool:
     return dist.is_available() and dist.is_initialized()
-
-
-def _tag_dirs(ckpt_dir: Path) -> list[Path]:
-    """Complete checkpoint tags, oldest first (a tag is complete once its ``done`` marker exists)."""
-    if not ckpt_dir.is_dir():
-        return []
-    tags = [p for p in ckpt_dir.iterdir() if p.is_dir() and (p / "done").exists()]
-    return sorted(tags, key=lambda p: (p / "done").stat().st_mtime_ns)
 
 
 def _scale_groups(groups: list[dict], factor: float) -> None:
@@ -114,59 +105,15 @@ class Engine:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t.item())
 
-    # -- checkpoints ------------------------------------------------------------------------------------
-    def save(self, ckpt_dir: str | Path, *, tag: str, client_state: dict, rank_state: dict | None = None,
-             keep: int | None = None) -> Path:
-        """Write checkpoint ``ckpt_dir/tag``; ``rank_state`` (e.g. RNG states) is kept per rank.
-
-        ``keep`` prunes older complete tags, keeping the newest ``keep``; tags named ``best*`` are kept.
-        """
-        ckpt_dir = Path(ckpt_dir)
-        path = ckpt_dir / tag
-        if self.is_main:
-            if path.exists():
-                shutil.rmtree(path)
-            path.mkdir(parents=True)
-        self.barrier()
-        self._save_states(path, client_state)
-        torch.save(rank_state or {}, path / f"rank-{self.rank:05d}.pt")
-        self.barrier()
-        if self.is_main:
-            (path / "done").write_text(json.dumps({"world_size": self.world_size, "engine": self.kind}))
-            (ckpt_dir / _LATEST).write_text(tag)
-            if keep is not None:
-                rolling = [p for p in _tag_dirs(ckpt_dir) if not p.name.startswith("best")]
-                for old in rolling[:-keep] if keep > 0 else rolling:
-                    if old != path:
-                        shutil.rmtree(old, ignore_errors=True)
-        self.barrier()
-        return path
-
-    def _save_states(self, path: Path, client_state: dict) -> None:
+    # -- checkpoint format (hpc.checkpoint.Checkpoints owns tags, markers, RNG states and pruning) --------
+    def save_states(self, path: Path, state: dict) -> None:
+        """Write model, optimizer and the caller's ``state`` into the tag folder ``path`` (every rank calls it)."""
         if self.is_main:
             torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                        "client": client_state}, path / "state.pt")
+                        "client": state}, path / "state.pt")
 
-    def load(self, ckpt_dir: str | Path, *, tag: str | None = None) -> tuple[dict, dict] | None:
-        """Restore the newest (or the named) checkpoint; returns (client_state, rank_state) or None."""
-        ckpt_dir = Path(ckpt_dir)
-        if tag is None:
-            tag = latest_tag(ckpt_dir)
-            if tag is None:
-                return None
-        path = ckpt_dir / tag
-        if not (path / "done").exists():
-            raise ValueError(f"checkpoint {path} is incomplete (no 'done' marker); delete it or name another tag")
-        meta = json.loads((path / "done").read_text())
-        if meta.get("engine") != self.kind:
-            raise ValueError(f"checkpoint {path} was written by the {meta.get('engine')} engine, not {self.kind}; "
-                             "resume with the same engine or start from weights.pt")
-        client = self._load_states(path)
-        rank_file = path / f"rank-{self.rank:05d}.pt"
-        rank_state = torch.load(rank_file, weights_only=True) if rank_file.exists() else {}
-        return client, rank_state
-
-    def _load_states(self, path: Path) -> dict:
+    def load_states(self, path: Path) -> dict:
+        """Restore model and optimizer from the tag folder ``path``; returns the ``state`` saved with them."""
         state = torch.load(path / "state.pt", map_location=self.device, weights_only=True)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -174,18 +121,6 @@ class Engine:
 
 
 LocalEngine = Engine
-
-
-def latest_tag(ckpt_dir: str | Path) -> str | None:
-    """Tag of the newest complete checkpoint in ``ckpt_dir``, or None."""
-    ckpt_dir = Path(ckpt_dir)
-    marker = ckpt_dir / _LATEST
-    if marker.exists():
-        tag = marker.read_text().strip()
-        if (ckpt_dir / tag / "done").exists():
-            return tag
-    tags = _tag_dirs(ckpt_dir)
-    return tags[-1].name if tags else None
 
 
 class DDPEngine(Engine):
@@ -251,11 +186,11 @@ class DeepSpeedEngine(Engine):
     def zero_grad(self) -> None:
         self.model.zero_grad()
 
-    def _save_states(self, path: Path, client_state: dict) -> None:
-        self.model.save_checkpoint(str(path.parent), tag=path.name, client_state={"client": client_state},
+    def save_states(self, path: Path, state: dict) -> None:
+        self.model.save_checkpoint(str(path.parent), tag=path.name, client_state={"client": state},
                                    save_latest=False)
 
-    def _load_states(self, path: Path) -> dict:
+    def load_states(self, path: Path) -> dict:
         _, client = self.model.load_checkpoint(str(path.parent), tag=path.name)
         if client is None:
             raise ValueError(f"DeepSpeed could not load checkpoint {path}")

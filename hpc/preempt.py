@@ -9,6 +9,9 @@
 
 submitit's own handler requeues and exits inside the signal handler, before anything is saved; `install`
 moves it aside and calls it only in `requeue_and_exit`, where its countdown of timeouts still applies.
+
+A process that ends itself on preemption (a CLI verb under a plain sbatch script) exits with `EXIT_CODE`;
+the sbatch templates read it with `python -m hpc.preempt exit-code` and requeue on it.
 """
 
 from __future__ import annotations
@@ -22,12 +25,16 @@ from typing import Any, NoReturn
 
 log = logging.getLogger(__name__)
 
+EXIT_CODE = 75  # EX_TEMPFAIL from sysexits.h: "try again later", which a preempted run means
+
 _flag = {"signum": None}
+_file_var = {"name": "HPC_PREEMPT_FILE"}
 _submitit_handler: dict[str, Any] = {"handler": None}
 
 
 class Preempted(RuntimeError):  # noqa: N818 (a state, not an error)
-    """Raised by a loop after every rank saved, to end the task so that it can be requeued."""
+    """Raised by a loop after every rank saved, to end the task so that it can be requeued (by
+    `requeue_and_exit`, or by the caller's launcher when the process exits with `EXIT_CODE`)."""
 
 
 def signal_number(name: str | None = None) -> signal.Signals:
@@ -39,8 +46,12 @@ def signal_number(name: str | None = None) -> signal.Signals:
         raise ValueError(f"preemption signal {name!r} does not exist; use USR1 or USR2") from None
 
 
-def install(name: str | None = None) -> signal.Signals:
-    """Route the preemption signal to the flag; keeps submitit's handler (if any) for the requeue."""
+def install(name: str | None = None, *, prefix: str = "HPC") -> signal.Signals:
+    """Route the preemption signal to the flag; keeps submitit's handler (if any) for the requeue.
+
+    ``prefix`` names the environment variable of the flag file, ``{prefix}_PREEMPT_FILE`` (see `requested`).
+    """
+    _file_var["name"] = f"{prefix}_PREEMPT_FILE"
     sig = signal_number(name)
     previous = signal.getsignal(sig)
     owner = getattr(previous, "__self__", None)
@@ -67,7 +78,8 @@ def clear() -> None:
 
 
 def requested(*, sync: bool = True) -> bool:
-    """True when this rank (or, with sync under torch.distributed, any rank) got the signal.
+    """True when this rank (or, with sync under torch.distributed, any rank) got the signal, or the file
+    that ``{prefix}_PREEMPT_FILE`` names (prefix as given to `install`) exists.
 
     With sync every rank must call it at the same step, since it is a collective.
     """
@@ -89,7 +101,7 @@ def requested(*, sync: bool = True) -> bool:
 def _file_requested() -> bool:
     # Under srun+torchrun the signal reaches torchrun, which does not forward USR2; the sbatch templates
     # trap it in the batch shell and touch this file (on a filesystem every node sees) instead.
-    path = os.environ.get("STROKE_TSS_PREEMPT_FILE")
+    path = os.environ.get(_file_var["name"])
     return bool(path) and os.path.exists(path)
 
 
@@ -120,3 +132,18 @@ def _slurm_job_id() -> str | None:
     if "SLURM_ARRAY_JOB_ID" in os.environ and "SLURM_ARRAY_TASK_ID" in os.environ:
         return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
     return os.environ.get("SLURM_JOB_ID")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hpc.preempt exit-code``: print EXIT_CODE, so shell scripts hold no copy of it."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m hpc.preempt", description=main.__doc__)
+    parser.add_argument("what", choices=["exit-code"])
+    parser.parse_args(argv)
+    print(EXIT_CODE)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

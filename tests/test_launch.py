@@ -58,26 +58,28 @@ def test_config_rejects_unknown_executor_and_keys():
         LaunchConfig(partion="gpu")
 
 
-def test_preempt_signal_only_sets_the_flag():
+def test_preempt_signal_only_sets_the_flag(tmp_path, monkeypatch):
     old = signal.getsignal(signal.SIGUSR2)
     try:
-        preempt.install()
+        preempt.install(prefix="MYAPP")
         assert not preempt.requested()
         os.kill(os.getpid(), signal.SIGUSR2)
         assert preempt.requested() and preempt.requested(sync=False)
         preempt.clear()
         assert not preempt.requested()
-        flag_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"preempt-test-{os.getpid()}"
-        os.environ["STROKE_TSS_PREEMPT_FILE"] = str(flag_file)
-        assert not preempt.requested()
+        flag_file = tmp_path / "preempt-flag"
         flag_file.touch()  # what the sbatch templates' USR2 trap does
+        monkeypatch.setenv("HPC_PREEMPT_FILE", str(flag_file))
+        assert not preempt.requested()  # another prefix's file
+        monkeypatch.setenv("MYAPP_PREEMPT_FILE", str(flag_file))
         assert preempt.requested()
         flag_file.unlink()
+        assert not preempt.requested()
         with pytest.raises(ValueError, match="USR3"):
             preempt.signal_number("USR3")
     finally:
+        preempt.install()  # back to the default prefix
         signal.signal(signal.SIGUSR2, old)
-        os.environ.pop("STROKE_TSS_PREEMPT_FILE", None)
         preempt.clear()
 
 

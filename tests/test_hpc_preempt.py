@@ -1,0 +1,29 @@
+"""One preemption exit code: hpc.preempt.EXIT_CODE, which the sbatch templates read instead of copying it."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hpc import preempt
+
+REPO = Path(__file__).resolve().parents[1]
+REQUEUING = ["ddp_multinode", "deepspeed", "fold_array"]
+
+
+def test_exit_code_is_ex_tempfail_and_printed_for_shell_scripts():
+    assert preempt.EXIT_CODE == os.EX_TEMPFAIL
+    out = subprocess.run([sys.executable, "-m", "hpc.preempt", "exit-code"], capture_output=True, text=True,
+                         check=True, cwd=REPO).stdout
+    assert out == f"{preempt.EXIT_CODE}\n"
+
+
+@pytest.mark.parametrize("name", REQUEUING)
+def test_templates_requeue_on_the_code_hpc_preempt_prints(name):
+    text = (REPO / "slurm" / f"{name}.sbatch").read_text()
+    assert "PREEMPTED_EXIT=$(python -m hpc.preempt exit-code)" in text
+    assert re.search(r'if \[ "\$rc" = "\$PREEMPTED_EXIT" \]; then scontrol requeue', text)
+    assert not re.search(rf"\b{preempt.EXIT_CODE}\b", text), f"{name}.sbatch holds a copy of the exit code"
