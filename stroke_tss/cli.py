@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 
 from stroke_tss.errors import UserError
@@ -16,6 +17,7 @@ from stroke_tss.errors import UserError
 VERBS: dict[str, str] = {
     "demo": "The whole method on a phantom cohort: synth -> prep -> cv (2d, 3d, 2d_scratch) -> report + Grad-CAM.",
     "env": "Print versions and what this machine can run (CUDA, DeepSpeed, Slurm).",
+    "config": "Print the resolved config as YAML, or with --schema every key with its type, default and meaning.",
     "scan": "Build a cohort manifest from a BIDS or ISLES'22-style tree.",
     "synth": "Generate a phantom cohort with known ground truth on the MNI152 anatomy.",
     "prep": "Validate a manifest and preprocess it into a chunked Zarr store (Dask).",
@@ -36,8 +38,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("stroke-tss")
+    except importlib.metadata.PackageNotFoundError:  # a source tree on sys.path, never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="stroke-tss", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"stroke-tss {_version()}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     sub.required = True
     for name, help_text in VERBS.items():

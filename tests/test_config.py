@@ -1,9 +1,11 @@
 """Config loading: YAML + extends + overrides; each mistake is one line naming the key and the file."""
 
+from typing import Any, Literal
+
 import pytest
 import yaml
 
-from stroke_tss.config import Config, dump_config, load_config
+from stroke_tss.config import Config, dump_config, field_type, load_config, parse_override
 from stroke_tss.errors import UserError
 
 
@@ -54,12 +56,12 @@ def test_a_variant_drops_a_phase_with_null_and_keeps_the_rest(tmp_path):
         ("seed.x=1", "'seed' holds a value"),
     ],
 )
-def test_bad_overrides_name_the_key_and_file(base_yaml, override, message):
+def test_bad_overrides_name_the_key_and_the_override(base_yaml, override, message):
     with pytest.raises(UserError, match=message) as err:
         load_config(base_yaml, [override])
     assert "\n" not in str(err.value)
     if "config key" in message:
-        assert str(base_yaml) in str(err.value)
+        assert str(err.value).startswith(f"override {override}: ") and str(base_yaml) not in str(err.value)
 
 
 def test_missing_required_value(tmp_path):
@@ -83,3 +85,55 @@ def test_resolved_config_round_trips(base_yaml, tmp_path):
     out = dump_config(cfg, tmp_path / "run" / "config.yaml")
     assert yaml.safe_load(out.read_text())["cv"]["folds"] == 2
     assert load_config(out) == cfg
+
+
+def test_override_values_take_the_type_the_schema_gives_the_key(base_yaml):
+    cfg = load_config(base_yaml, ["launch.account=12345", "run.name=007", "train.optimizer.lr=1e-3",
+                                  "train.stopping.restore_best=false", "train.augment.gamma=[0.9,1e-1]",
+                                  "phases.tss3h={task: tss_lt_3h, freeze: [stem,block1]}", "data.store=/x/007"])
+    assert cfg.launch.account == "12345" and cfg.run.name == "007"  # str fields keep the text as written
+    assert cfg.train.optimizer.lr == 1e-3 and cfg.train.stopping.restore_best is False
+    assert cfg.train.augment.gamma == (0.9, 0.1)
+    assert cfg.phases["tss3h"].freeze == ["stem", "block1"] and str(cfg.data.store) == "/x/007"
+
+
+def test_untyped_override_values_resolve_as_json(base_yaml):
+    cfg = load_config(base_yaml, ["model.options.dropout=1e-3", "model.options.depth=3",
+                                  "model.options.norm=batch", "model.options.tag='12'",
+                                  "variants.v={train: {batch_size: 2}, model: {options: {bias: true, scale: null}}}"])
+    assert cfg.model.options == {"dropout": 1e-3, "depth": 3, "norm": "batch", "tag": "12"}
+    assert isinstance(cfg.model.options["dropout"], float)
+    assert cfg.variants["v"] == {"train": {"batch_size": 2}, "model": {"options": {"bias": True, "scale": None}}}
+    # a union of scalar types is no single type either: sbatch flags keep their JSON types
+    assert parse_override("launch.slurm_extra={exclusive: true, qos: high, nice: 5}")[1] == {
+        "exclusive": True, "qos": "high", "nice": 5}
+
+
+def test_null_override_sets_none_or_removes_a_mapping(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {store: s.zarr}\nrun: {dir: r, name: n}\n"
+                    "phases:\n  lesion: {task: lesion_present}\n  tss4h5: {task: tss_lt_4h5}\n")
+    cfg = load_config(path, ["run.name=null", "phases.lesion=null"])
+    assert cfg.run.name is None and list(cfg.phases) == ["tss4h5"]
+
+
+def test_field_type_walks_sections_and_dicts_of_sections():
+    assert field_type(Config, "train.batch_size") is int
+    assert field_type(Config, "phases.tss3h.freeze") == list[str] | Literal["auto"]
+    assert field_type(Config, "model.options.dropout") is Any
+    assert field_type(Config, "cv.nonsense") is None
+
+
+def test_errors_name_the_override_or_the_file_they_came_from(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {store: s.zarr}\nrun: {dir: r}\ncv: {folds: three}\n")
+    with pytest.raises(UserError) as err:
+        load_config(path, ["train.batch_size=8"])  # the file's own mistake, an unrelated override
+    assert str(err.value).startswith(f"{path}: config key 'cv.folds'")
+    with pytest.raises(UserError) as err:
+        load_config(path, ["cv.folds=2", "train.batch_size=abc"])
+    assert str(err.value).startswith("override train.batch_size=abc: config key 'train.batch_size': Input should "
+                                     "be a valid integer")
+    with pytest.raises(UserError) as err:  # a check of the whole section the override changed
+        load_config(path, ["cv.folds=2", "engine.kind=deepspeed"])
+    assert str(err.value).startswith(f"{path} with override engine.kind=deepspeed: config key 'engine'")

@@ -1,7 +1,16 @@
 """Typed, validated configuration: `load_config(path, overrides)` -> `Config`."""
 
 from stroke_tss.config.base import Section
-from stroke_tss.config.loader import dump_config, load_config, merge, parse_override, set_dotted, validate
+from stroke_tss.config.loader import (
+    config_yaml,
+    dump_config,
+    field_type,
+    load_config,
+    merge,
+    parse_override,
+    set_dotted,
+    validate,
+)
 from stroke_tss.config.schema import Config, CVConfig, DataConfig, RunConfig
 
 __all__ = [
@@ -10,7 +19,9 @@ __all__ = [
     "DataConfig",
     "RunConfig",
     "Section",
+    "config_yaml",
     "dump_config",
+    "field_type",
     "load_config",
     "merge",
     "parse_override",

@@ -1,15 +1,22 @@
-"""YAML files and `key.sub=value` overrides -> a validated `Config`, with errors that name key and file.
+"""YAML files and `key.sub=value` overrides -> a validated `Config`, with errors that name key and source.
 
 A file may start from another with `extends: other.yaml` (path relative to the file); mappings merge key by
-key, anything else replaces. Overrides are parsed as YAML scalars, so `train.lr=1e-3` is a float and
-`data.channels=[dwi,flair]` a list.
+key, anything else replaces. An override's value is typed by the schema: where the field declares one type
+(None aside), the text goes to pydantic as a string (`launch.account=12345` stays "12345",
+`train.optimizer.lr=1e-3` becomes 0.001); elsewhere (`model.options.*`, `variants.*`, a union such as
+`str | int | bool`) plain scalars resolve as in JSON (ints, floats, true/false, null, else a string).
+`[a, b]` and `{k: v}` are YAML flow collections, typed the same way inside; quoted text stays a string;
+`null` is None, and on a mapping removes it.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import re
+import types
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -22,29 +29,50 @@ def load_config(path: str | Path | None, overrides: list[str] = (), *, schema: t
     """Load `path` (or start empty), apply overrides in order, validate against `schema`."""
     source = str(path) if path is not None else "<overrides>"
     raw = read_yaml_tree(Path(path)) if path is not None else {}
+    applied = {}
     for item in overrides:
-        key, value = parse_override(item)
+        key, value = parse_override(item, schema=schema)
         set_dotted(raw, key, value)
-    return validate(raw, schema=schema, source=source)
+        applied.pop(key, None)  # keep the order of the latest setting
+        applied[key] = item
+    return validate(raw, schema=schema, source=source, overrides=applied)
 
 
-def validate(raw: dict, *, schema: type[BaseModel] = Config, source: str = "<config>"):
+def validate(raw: dict, *, schema: type[BaseModel] = Config, source: str = "<config>",
+             overrides: dict[str, str] | None = None):
+    """`raw` as a `schema` instance, or a one-line `UserError`; `overrides` (dotted key -> `key=value` item)
+    says which keys came from the command line rather than `source`."""
     try:
         return schema.model_validate(raw)
     except ValidationError as exc:
-        raise UserError(describe_validation_error(exc, source)) from None
+        raise UserError(describe_validation_error(exc, source, overrides)) from None
 
 
-def describe_validation_error(exc: ValidationError, source: str) -> str:
-    """The first problem as one line: key, what is wrong, where it came from."""
+def describe_validation_error(exc: ValidationError, source: str, overrides: dict[str, str] | None = None) -> str:
+    """The first problem as one line: key, what is wrong, where it came from (an override or the file)."""
     err = exc.errors()[0]
     key = ".".join(str(p) for p in err["loc"]) or "<root>"
+    source = _blame(err["loc"], source, overrides or {})
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     if err["type"] == "extra_forbidden":
         return f"{source}: unknown config key '{key}'; check its spelling against configs/ or the docs{more}"
     if err["type"] == "missing":
         return f"{source}: missing required config value '{key}'; set it in the file or as {key}=...{more}"
     return f"{source}: config key '{key}': {err['msg']} (got {err.get('input')!r}){more}"
+
+
+def _blame(loc: tuple, source: str, overrides: dict[str, str]) -> str:
+    """The override that set the value at `loc` or a section holding it (the latest wins), else `source`; a
+    check of a whole section names `source` with the override that changed something in it."""
+    loc = tuple(str(p) for p in loc)
+    latest_first = [(tuple(key.split(".")), item) for key, item in reversed(overrides.items())]
+    for parts, item in latest_first:
+        if loc[:len(parts)] == parts:
+            return f"override {item}"
+    for parts, item in latest_first:
+        if loc and parts[:len(loc)] == loc:
+            return f"{source} with override {item}"
+    return source
 
 
 def read_yaml_tree(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
@@ -79,18 +107,93 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
-def parse_override(item: str) -> tuple[str, Any]:
+def parse_override(item: str, *, schema: type[BaseModel] = Config) -> tuple[str, Any]:
+    """`key.sub=value` -> (key, value typed as `schema` declares the key; see the module docstring)."""
     key, sep, text = item.partition("=")
+    key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         raise UserError(f"override {item!r} is not of the form key.sub=value")
-    try:
-        value = yaml.safe_load(text) if text != "" else None
-    except yaml.YAMLError:
-        value = text
-    return key.strip(), value
+    return key, _typed(_read_value(text), field_type(schema, key))
+
+
+def field_type(schema: type[BaseModel], key: str) -> Any:
+    """The annotation of dotted `key` in `schema` (through sections and dicts of them); None if it has none."""
+    return functools.reduce(_child, key.split("."), schema)
+
+
+class _Plain(str):
+    """An unquoted scalar of an override, still to be typed."""
+
+
+class _ValueLoader(yaml.SafeLoader):
+    """YAML flow collections whose scalars all stay strings, unquoted ones marked `_Plain`."""
+
+
+_ValueLoader.yaml_implicit_resolvers = {}  # no YAML 1.1 guessing (1e-3 a string, 0755 octal, yes a bool)
+_ValueLoader.add_constructor(
+    "tag:yaml.org,2002:str",
+    lambda loader, node: (_Plain if node.style is None else str)(loader.construct_scalar(node)),
+)
+
+_NULLS = {"", "~", "null", "Null", "NULL"}
+_BOOLS = {"true": True, "True": True, "TRUE": True, "false": False, "False": False, "FALSE": False}
+_INT = re.compile(r"[-+]?[0-9]+")
+_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+
+
+def _read_value(text: str) -> Any:
+    if text[:1] in ("[", "{", "'", '"'):
+        try:
+            return yaml.load(text, Loader=_ValueLoader)  # a SafeLoader
+        except yaml.YAMLError:
+            pass  # e.g. a name with an unbalanced bracket: the text as it is, like any other
+    return _Plain(text)
+
+
+def _typed(value: Any, annotation: Any) -> Any:
+    """Plain scalars stay strings where the schema types them (pydantic converts); elsewhere they resolve."""
+    if isinstance(value, dict):
+        return {str(k): _typed(v, _child(annotation, str(k))) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_typed(v, _item(annotation)) for v in value]
+    if not isinstance(value, _Plain):
+        return value  # quoted, or a YAML null
+    if value in _NULLS:
+        return None
+    if annotation not in (None, Any) and len(_members(annotation)) == 1:
+        return str(value)  # a union such as `str | int | bool` is no single type: resolve, pydantic picks
+    if value in _BOOLS:
+        return _BOOLS[value]
+    if _INT.fullmatch(value):
+        return int(value)
+    return float(value) if _FLOAT.fullmatch(value) else str(value)
+
+
+def _members(annotation: Any) -> tuple:
+    if get_origin(annotation) in (Union, types.UnionType):
+        return tuple(a for a in get_args(annotation) if a is not type(None))
+    return (annotation,)
+
+
+def _child(annotation: Any, key: str) -> Any:
+    for member in _members(annotation):
+        if isinstance(member, type) and issubclass(member, BaseModel):
+            field = member.model_fields.get(key)
+            return field.annotation if field else None
+        if get_origin(member) is dict:
+            return get_args(member)[1]
+    return None
+
+
+def _item(annotation: Any) -> Any:
+    for member in _members(annotation):
+        if get_origin(member) in (list, tuple, set) and get_args(member):
+            return get_args(member)[0]
+    return None
 
 
 def set_dotted(tree: dict, key: str, value: Any) -> None:
+    """Set dotted `key` in nested `tree`; None on a mapping removes it, as in `merge`."""
     node = tree
     parts = key.split(".")
     for part in parts[:-1]:
@@ -98,13 +201,20 @@ def set_dotted(tree: dict, key: str, value: Any) -> None:
         if not isinstance(child, dict):
             raise UserError(f"override {key}=...: '{part}' holds a value, not a section")
         node = child
-    node[parts[-1]] = value
+    if value is None and isinstance(node.get(parts[-1]), dict):
+        del node[parts[-1]]
+    else:
+        node[parts[-1]] = value
+
+
+def config_yaml(config: BaseModel) -> str:
+    """The resolved config as YAML text (what a run folder's config.yaml holds)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
 def dump_config(config: BaseModel, path: str | Path) -> Path:
     """Write the resolved config as YAML (what a run folder keeps next to its checkpoints)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = config.model_dump(mode="json")
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    path.write_text(config_yaml(config))
     return path
