@@ -60,8 +60,11 @@ class CheckpointableTask(submitit.helpers.Checkpointable):
     failure, `scontrol requeue`) must resume from the output folder too, so `run` should always do so.
     """
 
+    preempt_prefix: str = "HPC"
+    """Prefix of the flag file's environment variable, ``{preempt_prefix}_PREEMPT_FILE`` (hpc.preempt.install)."""
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        preempt.install()
+        preempt.install(prefix=self.preempt_prefix)
         try:
             return self.run(*args, **kwargs)
         except preempt.Preempted as exc:

@@ -83,6 +83,28 @@ def test_preempt_signal_only_sets_the_flag(tmp_path, monkeypatch):
         preempt.clear()
 
 
+class _FlagSeen(CheckpointableTask):
+    preempt_prefix = "MYAPP"
+
+    def run(self) -> bool:
+        return preempt.requested()
+
+
+def test_a_task_reads_the_flag_file_of_its_prefix(tmp_path, monkeypatch):
+    old = signal.getsignal(signal.SIGUSR2)
+    flag_file = tmp_path / "preempt-flag"
+    flag_file.touch()
+    try:
+        monkeypatch.setenv("HPC_PREEMPT_FILE", str(flag_file))
+        assert not _FlagSeen()()
+        monkeypatch.setenv("MYAPP_PREEMPT_FILE", str(flag_file))
+        assert _FlagSeen()()
+    finally:
+        preempt.install()
+        signal.signal(signal.SIGUSR2, old)
+        preempt.clear()
+
+
 @pytest.mark.slurm
 @pytest.mark.integration
 @pytest.mark.timeout(180)
