@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from stroke_tss.tasks import get_task
+
 METRICS = ("auc", "sensitivity", "specificity", "accuracy", "ppv", "npv", "f1", "ap", "brier")
 _CHUNK = 500  # resamples per vectorised block: bounds memory at ~_CHUNK x unique scores floats
 
@@ -150,7 +152,8 @@ def phase_metrics(pred: pd.DataFrame) -> dict[str, dict]:
     """A phase's metrics.json: hemisphere-level metrics per split, and under "subject" the same per split on
     subject scores (lesion_present: does the subject have a lesion, max over hemispheres; onset tasks: mean
     over the subject's lesion hemispheres), each level with its own validation threshold."""
-    how = "max" if set(pred["task"]) == {"lesion_present"} else "mean"
+    tasks = set(pred["task"])
+    how = get_task(tasks.pop()).subject_score if len(tasks) == 1 else "mean"
     return {**split_metrics(pred), "subject": split_metrics(subject_scores(pred, how=how))}
 
 

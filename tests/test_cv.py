@@ -77,7 +77,7 @@ def store_table(store: Path) -> pd.DataFrame:
 
 def expected_n(store: Path, task: str) -> int:
     """Out-of-fold hemispheres of a task: every subject is tested in exactly one fold."""
-    from stroke_tss.data import task_samples
+    from stroke_tss.tasks import task_samples
 
     return len(task_samples(store_table(store), task)[0])
 

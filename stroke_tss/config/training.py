@@ -8,8 +8,9 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from stroke_tss.config.base import Section
+from stroke_tss.tasks import TASK_NAMES
 
-Task = Literal["lesion_present", "tss_lt_3h", "tss_lt_4h5", "mrs_gt_2"]
+Task = Literal[TASK_NAMES]  # the task registry's names
 
 
 class ModelSection(Section):

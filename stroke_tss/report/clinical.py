@@ -1,7 +1,7 @@
 """Report sections from the subjects table: readers' mismatch reads, Fleiss' kappa, logistic baselines.
 
-Labels come from the table's clinical columns: tss_lt_4h5 = onset_to_mri_min < 270, tss_lt_3h = < 180
-(unknown onset: left out), mrs_gt_2 = mrs_90d > 2.
+Labels come from the table's clinical columns by the task registry's rules (stroke_tss.tasks); subjects
+without the value are left out.
 """
 
 from __future__ import annotations
@@ -13,20 +13,10 @@ import numpy as np
 import pandas as pd
 
 from stroke_tss import metrics, stats
+from stroke_tss.tasks import ONSET_TASKS, TASKS, subject_labels
 
-TASK_LABELS = {"tss_lt_4h5": ("onset_to_mri_min", lambda v: v < 270),
-               "tss_lt_3h": ("onset_to_mri_min", lambda v: v < 180),
-               "mrs_gt_2": ("mrs_90d", lambda v: v > 2)}
-
-
-def task_labels(table: pd.DataFrame, task: str) -> pd.Series:
-    """0/1 per subject (index subject_id); subjects without the clinical value are dropped."""
-    column, rule = TASK_LABELS[task]
-    if column not in table.columns:
-        return pd.Series(dtype=float)
-    values = pd.to_numeric(table.set_index("subject_id")[column], errors="coerce").dropna()
-    return rule(values).astype(float)
-
+CLINICAL_TASKS = (*ONSET_TASKS, *(t for t in TASKS if TASKS[t].column and t not in ONSET_TASKS))
+"""Tasks labelled from a clinical column, onset first (lesion presence has no clinical baseline here)."""
 
 def reader_columns(table: pd.DataFrame) -> list[str]:
     return sorted(c for c in table.columns if c.startswith("reader_"))
@@ -39,7 +29,7 @@ def reader_section(table: pd.DataFrame, *, task: str = "tss_lt_4h5", num_resampl
     if not cols:
         return pd.DataFrame(), None
     reads = table.set_index("subject_id")[cols].apply(pd.to_numeric, errors="coerce")
-    perf = stats.reader_performance(task_labels(table, task), reads, num_resamples=num_resamples, seed=seed)
+    perf = stats.reader_performance(subject_labels(table, task), reads, num_resamples=num_resamples, seed=seed)
     kappa = None
     if len(cols) >= 2 and reads.dropna().shape[0] > 0:
         kappa = stats.fleiss_kappa(stats.category_counts(reads.to_numpy()))
@@ -77,13 +67,13 @@ def lesion_features(store) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("subject_id") if rows else pd.DataFrame()
 
 
-def baseline_table(store, *, tasks=("tss_lt_4h5", "tss_lt_3h", "mrs_gt_2"), specificity: float = 0.9,
+def baseline_table(store, *, tasks=CLINICAL_TASKS, specificity: float = 0.9,
                    num_resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
     """Out-of-fold logistic regression on lesion volume and on the FLAIR ratio, per task (subject level)."""
     features = lesion_features(store)
     rows = []
     for task in tasks:
-        labels = task_labels(store.table, task)
+        labels = subject_labels(store.table, task)
         for feature in ("lesion_volume_ml", "flair_ratio"):
             if feature not in features.columns:
                 continue

@@ -1,7 +1,8 @@
 """Table 2 (variant x phase x task; sens/spec/acc/AUC with subject-bootstrap CIs), DeLong, sens at fixed spec.
 
 Hemisphere level scores every predicted hemisphere; subject level takes, per subject, the max over its
-hemispheres for `lesion_present` (a subject has a stroke if either half has one) and the mean otherwise.
+hemispheres for `lesion_present` (a subject has a stroke if either half has one) and the mean otherwise
+(the task registry's `subject_score`).
 Thresholds are Youden's J on each fold's validation split; test rows of all folds are pooled before scoring.
 """
 
@@ -14,6 +15,7 @@ import pandas as pd
 
 from stroke_tss import metrics
 from stroke_tss.stats import delong_test
+from stroke_tss.tasks import get_task
 
 GROUP = ["run", "variant", "phase", "task"]
 SHOWN = ("sensitivity", "specificity", "accuracy", "auc", "ppv", "npv", "brier")
@@ -28,8 +30,8 @@ def at_level(pred: pd.DataFrame, level: str) -> pd.DataFrame:
         return pred
     parts = []
     for keys, g in pred.groupby(["run", "variant", "phase", "task"], sort=False):
-        how = "max" if keys[3] == "lesion_present" else "mean"
-        s = metrics.subject_scores(g[["subject_id", "split", "task", "fold", "label", "probability"]], how=how)
+        s = metrics.subject_scores(g[["subject_id", "split", "task", "fold", "label", "probability"]],
+                                   how=get_task(keys[3]).subject_score)
         parts.append(s.assign(run=keys[0], variant=keys[1], phase=keys[2], hemisphere="both"))
     return pd.concat(parts, ignore_index=True)
 
