@@ -26,10 +26,12 @@ def _train_vs_bare(tmp: Path) -> dict:
     from torch import nn
     from torch.utils.data import DataLoader
 
+    from hpc.sampler import ShardedSampler
     from stroke_tss.config.training import EngineSection, TrainSection
-    from stroke_tss.data import ShardedSampler, StoreDataset, task_samples
+    from stroke_tss.data import StoreDataset
     from stroke_tss.models import build_model
     from stroke_tss.optim import build_optimizer
+    from stroke_tss.tasks import task_samples
     from stroke_tss.train import train_phase
     from tests.test_data import make_store
 

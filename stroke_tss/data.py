@@ -1,4 +1,4 @@
-"""Datasets over the store: per-task samples and labels, augmentation, and a resumable sharded sampler.
+"""Datasets over the store: one task's samples (stroke_tss.tasks) read, augmented and labelled.
 
 A sample is (subject, hemisphere, label). Hemisphere tasks read ``store.hemisphere`` (right flipped onto
 left); ``mrs_gt_2`` reads the whole volume. Augmentation of item i in epoch e draws from a generator
@@ -23,104 +23,23 @@ someone else's: the network cannot tie onset labels to the brains it trains on.
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
-from torch.utils.data import Dataset, Sampler
+from scipy.ndimage import binary_dilation, gaussian_filter, rotate
+from torch.utils.data import Dataset
+
+from data_prep.store import Store, open_store
+from stroke_tss.errors import UserError
+from stroke_tss.genesis import scale_to_unit
+from stroke_tss.tasks import SIDES, Sample
 
 log = logging.getLogger(__name__)
 
-TASKS = ("lesion_present", "tss_lt_3h", "tss_lt_4h5", "mrs_gt_2")
-_TSS_LIMIT_MIN = {"tss_lt_3h": 180.0, "tss_lt_4h5": 270.0}
-SIDES = ("left", "right")
-
-
-@dataclass(frozen=True)
-class Sample:
-    subject_id: str
-    hemisphere: str  # left | right | both (whole volume)
-    label: int
-    side: str = "unknown"  # the subject's lesion side (left | right | bilateral | none): an oversampling stratum
-
-
-def _flag(value) -> bool | None:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    if isinstance(value, str):
-        return {"true": True, "false": False}.get(value.strip().lower())
-    return bool(value)
-
-
-def _lesion_sides(row: pd.Series) -> dict[str, bool] | None:
-    """Which halves hold a lesion: the store's mask flags, else the manifest's stroke_side; None if unknown."""
-    flags = {side: _flag(row.get(f"lesion_{side}")) for side in SIDES}
-    if all(v is not None for v in flags.values()):
-        return flags
-    side = row.get("stroke_side")
-    if isinstance(side, str) and side in ("left", "right", "bilateral", "none"):
-        return {s: side in (s, "bilateral") for s in SIDES}
-    return None
-
-
-def task_samples(table: pd.DataFrame, task: str, subject_ids: Sequence[str] | None = None) -> tuple[list[Sample], int]:
-    """Samples of ``task`` for ``subject_ids`` (default: all) and the number of subjects skipped (no label)."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    rows = table.set_index("subject_id", drop=False)
-    ids = list(rows.index) if subject_ids is None else list(subject_ids)
-    missing = [s for s in ids if s not in rows.index]
-    if missing:
-        raise ValueError(f"subjects {missing[:5]} are in the splits but not in the store's subjects table; "
-                         "rebuild the store or delete RUN/splits.json")
-    samples, skipped = [], 0
-    for sid in ids:
-        row = rows.loc[sid]
-        sides = _lesion_sides(row)
-        if task == "mrs_gt_2":
-            mrs = pd.to_numeric(row.get("mrs_90d"), errors="coerce")
-            if pd.isna(mrs):
-                skipped += 1
-                continue
-            samples.append(Sample(sid, "both", int(mrs > 2), _side_name(sides)))
-            continue
-        if sides is None:
-            skipped += 1
-            continue
-        if task == "lesion_present":
-            samples += [Sample(sid, s, int(sides[s]), _side_name(sides)) for s in SIDES]
-            continue
-        onset = pd.to_numeric(row.get("onset_to_mri_min"), errors="coerce")
-        lesion_halves = [s for s in SIDES if sides[s]]
-        if pd.isna(onset) or not lesion_halves:
-            skipped += 1
-            continue
-        samples += [Sample(sid, s, int(onset < _TSS_LIMIT_MIN[task]), _side_name(sides)) for s in lesion_halves]
-    return samples, skipped
-
-
-def _side_name(sides: dict[str, bool] | None) -> str:
-    if sides is None:
-        return "unknown"
-    return {(True, True): "bilateral", (True, False): "left", (False, True): "right"}.get(
-        (sides["left"], sides["right"]), "none")
-
-
-def subject_strata(table: pd.DataFrame, task: str) -> list[str]:
-    """One stratum per subject (its task label, max over hemispheres; 'unknown' without one)."""
-    labels: dict[str, int] = {}
-    for s in task_samples(table, task)[0]:
-        labels[s.subject_id] = max(labels.get(s.subject_id, 0), s.label)
-    return [str(labels.get(sid, "unknown")) for sid in table["subject_id"]]
-
 
 def _soft_mask(mask: np.ndarray) -> np.ndarray:
-    from scipy.ndimage import binary_dilation, gaussian_filter
-
     return np.clip(gaussian_filter(binary_dilation(mask > 0).astype(np.float32), 0.7), 0.0, 1.0)
 
 
@@ -141,8 +60,6 @@ def augment(x: np.ndarray, rng: np.random.Generator, *, gamma: tuple[float, floa
         if hi > lo:
             x = ((x - lo) / (hi - lo)) ** g * (hi - lo) + lo
     if rotate_z_deg > 0:
-        from scipy.ndimage import rotate
-
         angle = rng.uniform(-rotate_z_deg, rotate_z_deg)
         x = rotate(x, angle, axes=(-1, -2), reshape=False, order=1, mode="nearest")
     if noise_std > 0:
@@ -153,20 +70,20 @@ def augment(x: np.ndarray, rng: np.random.Generator, *, gamma: tuple[float, floa
 class StoreDataset(Dataset):
     """Items {"x": (C, Z, Y, X') float32, "y": float, "index": int} of one task's samples from a store."""
 
-    def __init__(self, store_path: str | Path, samples: Sequence[Sample], *, channels: Sequence[str] | None = None,
+    def __init__(self, store: Store | str | Path, samples: Sequence[Sample], *, channels: Sequence[str] | None = None,
                  intensity: str = "zscore", augment: dict | None = None, seed: int = 0):
-        """``augment``: keyword arguments of `augment`, plus ``lesion_swap`` (lesion_present) and
+        """``store``: an opened store (it pickles as its path: each worker reopens it) or its path.
+        ``augment``: keyword arguments of `augment`, plus ``lesion_swap`` (lesion_present) and
         ``lesion_transplant`` (onset tasks), probabilities; see the module docstring."""
-        from data_prep.store import open_store
-
-        self.store = open_store(store_path)  # pickles as its path: each worker reopens it
+        self.store = store if isinstance(store, Store) else open_store(store)
         names = self.store.channels
         wanted = list(channels) if channels else names
         unknown = [c for c in wanted if c not in names]
         if unknown:
-            raise ValueError(f"store {store_path}: channels {unknown} not in its channels {names}; fix data.channels")
+            raise UserError(f"store {self.store.path}: channels {unknown} not in its channels {names}; "
+                            "fix data.channels")
         if intensity not in ("zscore", "unit"):
-            raise ValueError(f"train.intensity must be 'zscore' or 'unit', not {intensity!r}")
+            raise UserError(f"train.intensity must be 'zscore' or 'unit', not {intensity!r}")
         self.channel_index = [names.index(c) for c in wanted]
         self.samples = list(samples)
         self.intensity = intensity
@@ -174,7 +91,7 @@ class StoreDataset(Dataset):
         self.lesion_swap = float(self.augment.pop("lesion_swap", 0.0))
         self.lesion_transplant = float(self.augment.pop("lesion_transplant", 0.0))
         if (self.lesion_swap or self.lesion_transplant) and any(smp.hemisphere not in SIDES for smp in self.samples):
-            raise ValueError("augment.lesion_swap and lesion_transplant apply to hemisphere samples, not whole volumes")
+            raise UserError("augment.lesion_swap and lesion_transplant apply to hemisphere samples, not whole volumes")
         # recipients of transplants: subjects with a lesion on one side only (the other half is healthy)
         self._recipients = [smp for smp in self.samples if smp.side in SIDES]
         self.seed = seed
@@ -195,7 +112,7 @@ class StoreDataset(Dataset):
         if by == "label":
             return self.labels
         if by != "label_and_side":
-            raise ValueError(f"train.oversample_by must be 'label' or 'label_and_side', not {by!r}")
+            raise UserError(f"train.oversample_by must be 'label' or 'label_and_side', not {by!r}")
         keys = [f"{s.label}/{s.side}" for s in self.samples]
         return np.unique(keys, return_inverse=True)[1].astype(np.int64)
 
@@ -242,8 +159,6 @@ class StoreDataset(Dataset):
             x = self.store.volume(s.subject_id) if s.hemisphere == "both" else self.store.hemisphere(s.subject_id, s.hemisphere)
         x = x[self.channel_index]
         if self.intensity == "unit":
-            from stroke_tss.genesis import scale_to_unit
-
             x = scale_to_unit(x)
         return x, label
 
@@ -254,45 +169,3 @@ class StoreDataset(Dataset):
         if self.augment:
             x = augment(x, rng, **self.augment)
         return {"x": torch.from_numpy(np.ascontiguousarray(x)), "y": torch.tensor(float(label)), "index": index}
-
-
-class ShardedSampler(Sampler[int]):
-    """DistributedSampler's contract (seeded shuffle per epoch, padded to equal shards, rank r takes every
-    r-th index) plus random oversampling and a start offset for resuming in mid-epoch.
-
-    torch's DistributedSampler offers neither oversampling nor a mid-epoch start, hence this class.
-    """
-
-    def __init__(self, labels: Sequence[int], *, rank: int = 0, world_size: int = 1, shuffle: bool = True,
-                 oversample: bool = False, seed: int = 0):
-        if len(labels) == 0:
-            raise ValueError("no samples to train on: check the task's labels and the fold's subjects")
-        self.labels = np.asarray(labels)
-        self.rank, self.world_size = rank, world_size
-        self.shuffle, self.oversample, self.seed = shuffle, oversample, seed
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, *, start: int = 0) -> None:
-        """Epoch for the shuffle; ``start`` skips this rank's first ``start`` indices (resume)."""
-        self.epoch, self.start = epoch, start
-
-    def _global(self) -> np.ndarray:
-        rng = np.random.default_rng((self.seed, self.epoch))
-        idx = np.arange(self.labels.size)
-        if self.oversample:
-            classes, counts = np.unique(self.labels, return_counts=True)
-            extra = [rng.choice(idx[self.labels == c], counts.max() - n) for c, n in zip(classes, counts)]
-            idx = np.concatenate([idx, *extra])
-        if self.shuffle:
-            idx = idx[rng.permutation(idx.size)]
-        total = math.ceil(idx.size / self.world_size) * self.world_size
-        return np.resize(idx, total)  # pads by repeating from the start, as DistributedSampler does
-
-    def __len__(self) -> int:
-        n = self.labels.size
-        if self.oversample:
-            n = int(np.unique(self.labels, return_counts=True)[1].max()) * np.unique(self.labels).size
-        return math.ceil(n / self.world_size) - self.start
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._global()[self.rank::self.world_size][self.start:].tolist())

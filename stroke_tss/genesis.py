@@ -19,6 +19,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from data_prep.store import Store, open_store
+from stroke_tss.errors import UserError
+
 
 @dataclass(frozen=True, kw_only=True)
 class GenesisRates:
@@ -35,7 +38,7 @@ def scale_to_unit(volume: np.ndarray, *, clip: tuple[float, float] = (-3.0, 3.0)
     """Z-scores -> [0, 1] by clipping to `clip` and scaling; use the same mapping when fine-tuning."""
     low, high = clip
     if not high > low:
-        raise ValueError(f"clip must be (low, high) with high > low, got {clip}")
+        raise UserError(f"clip must be (low, high) with high > low, got {clip}")
     out = np.clip(volume, low, high, dtype=np.float32)
     out -= low
     out *= 1.0 / (high - low)
@@ -201,27 +204,25 @@ class GenesisCrops(Dataset):
     The store is opened lazily in each worker (it pickles as its path).
     """
 
-    def __init__(self, store_path: str | Path, subject_ids: Sequence[str], *,
+    def __init__(self, store: Store | str | Path, subject_ids: Sequence[str], *,
                  crop: Sequence[int] = (64, 64, 32), clip: tuple[float, float] = (-3.0, 3.0), seed: int,
                  channels: Sequence[str] | None = None, crops_per_subject: int = 1,
                  rates: GenesisRates = GenesisRates()):
-        from data_prep.store import open_store
-
         if len(crop) != 3 or any(side % 8 or side < 8 for side in crop):
-            raise ValueError(f"genesis crop {tuple(crop)} must be 3 sides, each a multiple of 8 (U-Net poolings)")
+            raise UserError(f"genesis crop {tuple(crop)} must be 3 sides, each a multiple of 8 (U-Net poolings)")
         if not subject_ids:
-            raise ValueError(f"no subjects given for Models Genesis crops from {store_path}")
+            raise UserError(f"no subjects given for Models Genesis crops from {store}")
         scale_to_unit(np.zeros(1), clip=clip)  # validates clip now, not in a worker
-        self.store = open_store(store_path)
+        self.store = store if isinstance(store, Store) else open_store(store)
         missing = sorted(set(subject_ids) - set(self.store.subject_ids))
         if missing:
-            raise ValueError(f"store {store_path}: subjects {missing[:5]} are not in it; "
+            raise UserError(f"store {self.store.path}: subjects {missing[:5]} are not in it; "
                              "choose subject ids from its subjects table")
         names = self.store.channels
         wanted = list(channels) if channels is not None else names
         unknown = [c for c in wanted if c not in names]
         if unknown:
-            raise ValueError(f"store {store_path}: channels {unknown} not in its channels {names}")
+            raise UserError(f"store {self.store.path}: channels {unknown} not in its channels {names}")
         self.channel_index = [names.index(c) for c in wanted]
         self.subject_ids = list(subject_ids)
         self.size_zyx = tuple(int(s) for s in crop)[::-1]
@@ -243,7 +244,7 @@ class GenesisCrops(Dataset):
         sid = self.subject_ids[index % len(self.subject_ids)]
         inside = np.flatnonzero(self.store.brain(sid))
         if inside.size == 0:
-            raise ValueError(f"subject {sid}: brain mask in store {self.store.path} is empty; "
+            raise UserError(f"subject {sid}: brain mask in store {self.store.path} is empty; "
                              "re-run prep for this subject or leave it out of pretraining")
         volume = self.store.volume(sid)
         center = np.unravel_index(inside[rng.integers(inside.size)], volume.shape[1:])

@@ -63,7 +63,7 @@ def test_each_depth_freezes_exactly_its_groups(name, options):
 def adapted(tiny_store, tmp_path_factory):
     """`stroke-tss adapt` on the tiny store from a saved slicewise2d, depths run by the debug executor."""
     from data_prep.store import open_store
-    from stroke_tss.checkpoint import save_weights
+    from stroke_tss.weights import save_weights
 
     tmp = tmp_path_factory.mktemp("adapt")
     num_slices = int(open_store(tiny_store).attrs["shape_xyz"][2])

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from stroke_tss.data import ShardedSampler, StoreDataset, augment, task_samples
+from stroke_tss.data import StoreDataset, augment
+from stroke_tss.tasks import task_samples
 
 SHAPE_XYZ = (64, 32, 8)  # hemispheres 32 x 32 in-plane: the smallest slicewise2d accepts
 
@@ -159,23 +160,6 @@ def test_augmentation_is_seeded_per_item_and_epoch(store):
     assert not np.array_equal(first, ds[0]["x"])
     x = np.random.default_rng(0).normal(size=(1, 2, 8, 8)).astype(np.float32)
     assert np.allclose(augment(x, np.random.default_rng(0)), x)
-
-
-def test_sampler_shards_pad_oversample_and_resume():
-    labels = [0] * 7 + [1] * 2
-    shards = [list(ShardedSampler(labels, rank=r, world_size=2, seed=1)) for r in range(2)]
-    assert len(shards[0]) == len(shards[1]) == 5
-    assert set(shards[0] + shards[1]) == set(range(9))
-    over = ShardedSampler(labels, oversample=True, seed=1)
-    idx = list(over)
-    assert len(idx) == len(over) == 14 and sum(labels[i] for i in idx) == 7
-    s = ShardedSampler(labels, seed=1)
-    s.set_epoch(3)
-    full = list(s)
-    s.set_epoch(3, start=4)
-    assert list(s) == full[4:] and len(s) == 5
-    s.set_epoch(4)
-    assert list(s) != full
 
 
 def test_fold_samples_keep_both_hemispheres_of_a_subject_in_one_role(store):

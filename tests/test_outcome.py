@@ -9,10 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from hpc.sampler import ShardedSampler
 from stroke_tss.config import load_config
-from stroke_tss.data import ShardedSampler, StoreDataset, task_samples
-from stroke_tss.ensemble import mean_predictions
+from stroke_tss.data import StoreDataset
 from stroke_tss.errors import UserError
+from stroke_tss.runs.ensemble import mean_predictions
+from stroke_tss.tasks import task_samples
 
 SMALL = ["train.stopping.max_epochs=1", "train.max_steps_per_epoch=2", "train.num_workers=0", "train.threads=1",
          "train.batch_size=2"]
@@ -31,10 +33,10 @@ def _table(store):
 
 
 def test_leave_one_site_out_never_puts_a_site_in_train_and_test(tiny_store, tmp_path):
-    from stroke_tss.schedule import ensure_splits
+    from stroke_tss.splits import ensure_splits
 
     cfg = load_config("configs/outcome3d.yaml", [f"data.store={tiny_store}", f"run.dir={tmp_path}"])
-    splits = ensure_splits(cfg)
+    splits = ensure_splits(cfg, _table(tiny_store))
     table = _table(tiny_store)
     site_of = dict(zip(table["subject_id"], table["site"].astype(str)))
     sites = sorted(set(site_of.values()))

@@ -39,8 +39,8 @@ def test_two_ranks_run_the_schedule_and_predict_every_sample_once(store, tmp_pat
     """`stroke-tss train` under torchrun with 2 gloo ranks: each phase's predictions are gathered from both
     ranks with the sampler's padding dropped, so every validation and test sample appears exactly once."""
     from data_prep.store import open_store
-    from stroke_tss.data import task_samples
     from stroke_tss.splits import fold_of, read_splits
+    from stroke_tss.tasks import task_samples
     from tests.test_engine_dist import free_port
 
     run = tmp_path / "run"
@@ -124,10 +124,10 @@ def _train_cmd(store: Path, run: Path) -> list[str]:
 def test_cosine_schedule_runs_from_lr_to_its_floor_over_max_epochs():
     from hpc.engine import Engine
     from stroke_tss.config.training import OptimizerSection
-    from stroke_tss.train import _lr_schedule
+    from stroke_tss.loop import lr_schedule
 
-    assert _lr_schedule(OptimizerSection(), 100) is None  # constant by default
-    curve = _lr_schedule(OptimizerSection(schedule="cosine", min_lr_factor=0.05), 100)
+    assert lr_schedule(OptimizerSection(), 100) is None  # constant by default
+    curve = lr_schedule(OptimizerSection(schedule="cosine", min_lr_factor=0.05), 100)
     factors = [curve(step) for step in range(100)]
     assert factors[0] == 1.0 and factors[-1] == pytest.approx(0.05)
     assert all(a > b for a, b in zip(factors, factors[1:]))
