@@ -36,7 +36,8 @@ def _cv_launch(store: Path, run_dir: Path, *, parallelism: int) -> tuple[float, 
     through the local executor; splits are made first."""
     from hpc.launch import launch_items
     from stroke_tss.config import load_config
-    from stroke_tss.cv import FoldTask, fold_items, prepare_run
+    from stroke_tss.runs.cv import FoldTask, fold_items
+    from stroke_tss.runs.folder import prepare_run
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", [
         f"data.store={store}", f"run.dir={run_dir}", f"cv.folds={NUM_FOLDS}", "launch.executor=local",

@@ -17,17 +17,13 @@ import json
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import pandas as pd
 from torch import nn
 
-from hpc.launch import launch_items
 from stroke_tss.config import Config
 from stroke_tss.config.training import AdaptSection, PhaseSection, StoppingSection
-from stroke_tss.cv import RunTask
 from stroke_tss.data import StoreDataset
 from stroke_tss.errors import UserError
 from stroke_tss.models import backbone_groups, freeze
@@ -57,7 +53,7 @@ def choose_depth(scores: Sequence[float]) -> int:
     """Index of the smallest finite score; the shallowest of equal ones."""
     finite = [(score, depth) for depth, score in enumerate(scores) if math.isfinite(score)]
     if not finite:
-        raise ValueError("no depth has a finite validation loss; lower the learning rate or check the data")
+        raise UserError("no depth has a finite validation loss; lower the learning rate or check the data")
     return min(finite)[1]
 
 
@@ -91,7 +87,7 @@ def run_depth(cfg: Config, phase: PhaseSection, *, depth: int, build: ModelFacto
     model = build()
     depths = depth_groups(model)
     if not 0 <= depth < len(depths):
-        raise ValueError(f"depth {depth} is outside 0..{len(depths) - 1} for {cfg.model.name}")
+        raise UserError(f"depth {depth} is outside 0..{len(depths) - 1} for {cfg.model.name}")
     freeze(model, depths[depth])
     train_phase(model, {"train": datasets["train"], "val": datasets["val"]}, depth_dir(out_dir, depth),
                 task=phase.task, train=cfg.train, engine=cfg.engine, optimizer=phase.optimizer,
@@ -126,7 +122,7 @@ def write_table(out_dir: Path, rows: list[dict], adapt: AdaptSection) -> Path:
 def read_table(out_dir: Path) -> dict:
     path = Path(out_dir) / "adapt" / "table.json"
     if not path.is_file():
-        raise ValueError(f"{path} does not exist: the depth search has not finished")
+        raise UserError(f"{path} does not exist: the depth search has not finished")
     return json.loads(path.read_text())
 
 
@@ -159,111 +155,3 @@ def adapt_phase(cfg: Config, phase: PhaseSection, *, build: ModelFactory, datase
         write_table(out_dir, rows, phase.adapt)
     log.info("%s: freezing depth search\n%s", out_dir, format_table(rows))
     return train_at_depth(cfg, phase, depth=chosen_depth(rows), build=build, datasets=datasets, out_dir=out_dir)
-
-
-# --- standalone: `stroke-tss adapt`, the depths as one job array through the launch layer -------------------
-
-@dataclass(frozen=True)
-class DepthItem:
-    depth: int | None
-    """The depth to fine-tune; None: the full training at the chosen depth (after the table)."""
-
-
-@dataclass(frozen=True)
-class AdaptTarget:
-    """What one adapt run trains: the variant's config, the phase (init = the source), its data and folder."""
-
-    cfg: Config
-    phase: PhaseSection
-    build: ModelFactory
-    datasets: dict[str, StoreDataset]
-    out_dir: Path
-
-
-def default_phase(cfg: Config) -> str:
-    """The first phase with `freeze: auto`, else the last phase that is not `train_only`."""
-    auto = [name for name, p in cfg.phases.items() if p.freeze == "auto"]
-    free = [name for name, p in cfg.phases.items() if p.train_only is None]
-    return (auto or free[-1:] or list(cfg.phases)[-1:])[0]
-
-
-def adapt_target(cfg: Config, *, variant: str, fold: int, phase: str, source: str) -> AdaptTarget:
-    """Resolve variant, phase and source (a phase of this run's fold, or a weights file) into an AdaptTarget."""
-    from data_prep.store import open_store
-    from stroke_tss.schedule import ensure_splits, phase_datasets, phase_model, resolve_variant
-    from stroke_tss.splits import fold_of
-
-    vcfg = resolve_variant(cfg, variant)
-    if phase not in vcfg.phases:
-        raise UserError(f"--phase {phase}: not a phase of the config ({', '.join(vcfg.phases)})")
-    if vcfg.phases[phase].train_only is not None:
-        raise UserError(f"--phase {phase} trains only {vcfg.phases[phase].train_only}; pick a phase without "
-                        "train_only (its depth is what the search chooses)")
-    run_dir = Path(cfg.run.dir)
-    fold_dir = run_dir / variant / f"fold-{fold}"
-    phase_dirs: dict[str, Path] = {}
-    if source in vcfg.phases:
-        phase_dirs[source] = fold_dir / source
-        if not (fold_dir / source / "weights.pt").is_file():
-            raise UserError(f"--source {source}: {fold_dir / source / 'weights.pt'} does not exist; train that "
-                            "phase first (`stroke-tss train`) or give a weights file")
-    elif not Path(source).is_file():
-        raise UserError(f"--source {source}: neither a phase of the config ({', '.join(vcfg.phases)}) nor a "
-                        "weights file")
-    target = vcfg.phases[phase].model_copy(update={"init": str(source), "freeze": "auto"})
-    try:
-        subjects = fold_of(ensure_splits(vcfg), fold)
-        datasets = phase_datasets(vcfg, target, subjects, table=open_store(vcfg.data.store).table,
-                                  where=f"variant {variant}, phase {phase}, fold {fold}")
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    build = partial(phase_model, vcfg, target, phase_dirs=phase_dirs, run_dir=run_dir, frozen=[])
-    return AdaptTarget(vcfg, target, build, datasets, fold_dir / phase)
-
-
-class AdaptTask(RunTask):
-    """One depth of the search, or the final training at the chosen depth (read from adapt/table.json)."""
-
-    def __init__(self, config: dict, *, variant: str, fold: int, phase: str, source: str) -> None:
-        super().__init__(config)
-        self.target_args = {"variant": variant, "fold": fold, "phase": phase, "source": source}
-
-    def work(self, cfg: Config, item: DepthItem, *, is_main: bool) -> dict:
-        t = adapt_target(cfg, **self.target_args)
-        if item.depth is None:
-            depth = read_table(t.out_dir)["chosen_depth"]
-            return train_at_depth(t.cfg, t.phase, depth=depth, build=t.build, datasets=t.datasets,
-                                  out_dir=t.out_dir)
-        return run_depth(t.cfg, t.phase, depth=item.depth, build=t.build, datasets=t.datasets, out_dir=t.out_dir)
-
-
-def _launch(task: AdaptTask, items: list[DepthItem], names: list[str], cfg: Config) -> list:
-    results = launch_items(task, items, config=cfg.launch, folder=Path(cfg.run.dir) / "jobs", names=names)
-    failed = [r for r in results if not r.ok]
-    if failed:
-        raise UserError("; ".join(f"{r.name} failed: {r.error} (log: {r.log})" for r in failed))
-    return results
-
-
-def run_adapt(cfg: Config, *, source: str, phase: str | None = None, fold: int = 0,
-              variant: str | None = None) -> tuple[list[dict], dict, Path]:
-    """The standalone search: depths as one array, the table, then the phase at the chosen depth (one item).
-
-    Returns the table rows, the phase's metrics and its folder RUN/<variant>/fold-<k>/<phase>/.
-    """
-    from stroke_tss.cv import prepare_run, select_variants
-
-    variant = variant or select_variants(cfg, None)[0]
-    select_variants(cfg, [variant])
-    phase = phase or default_phase(cfg)
-    prepare_run(cfg)
-    t = adapt_target(cfg, variant=variant, fold=fold, phase=phase, source=source)  # fails here, not in a job
-    groups = depth_groups(t.build())
-    task = AdaptTask(cfg.model_dump(mode="json"), variant=variant, fold=fold, phase=phase, source=source)
-    stem = f"{variant}-fold-{fold}-{phase}"
-    _launch(task, [DepthItem(d) for d in range(len(groups))], [f"{stem}-depth-{d}" for d in range(len(groups))],
-            cfg)
-    rows = choose([depth_row(t.out_dir, d, groups[d], t.phase.adapt) for d in range(len(groups))])
-    write_table(t.out_dir, rows, t.phase.adapt)
-    [final] = _launch(task, [DepthItem(None)], [f"{stem}-final"], cfg)
-    return rows, final.value, t.out_dir

@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stroke_tss.predict import SIDES, hemisphere_input
+from stroke_tss.errors import UserError
+from stroke_tss.predict import fold_config, hemisphere_input, load_model
+from stroke_tss.tasks import SIDES
 
 DEFAULT_LAYERS = {"slicewise2d": "backbone.layer3", "encoder3d": "down_tr256", "attnvgg3d": "block3"}
 METHODS = ("gradcam", "attention")
@@ -32,7 +34,7 @@ def _layer(model: nn.Module, name: str | None) -> tuple[str, nn.Module]:
     modules = dict(model.named_modules())
     if name not in modules or not name:
         top = [n for n in modules if n and n.count(".") <= 1][:12]
-        raise ValueError(f"model {getattr(model, 'model_name', '?')} has no layer {name!r}; "
+        raise UserError(f"model {getattr(model, 'model_name', '?')} has no layer {name!r}; "
                          f"layers include {', '.join(top)}")
     return name, modules[name]
 
@@ -105,13 +107,13 @@ def gradcam(model: nn.Module, x: torch.Tensor, *, layer: str | None = None) -> n
 def attention_map(model: nn.Module, x: torch.Tensor, *, key: str | None = None) -> np.ndarray:
     """An attention-gate map of one hemisphere on its input grid (Z, Y, W); `key` picks among several."""
     if not hasattr(model, "forward_with_maps"):
-        raise ValueError(f"model {getattr(model, 'model_name', '?')} has no attention maps")
+        raise UserError(f"model {getattr(model, 'model_name', '?')} has no attention maps")
     model.eval()
     _, maps = model.forward_with_maps(x)
     maps = {k: v for k, v in maps.items() if k != "slice_logits"}
     key = key or sorted(maps)[-1]  # the deepest gate by name: gate256, attention3, attention
     if key not in maps:
-        raise ValueError(f"no attention map {key!r}; this model has {', '.join(sorted(maps))}")
+        raise UserError(f"no attention map {key!r}; this model has {', '.join(sorted(maps))}")
     a = maps[key]
     z, y, w = x.shape[2:]
     if _folds_slices(model):
@@ -131,7 +133,7 @@ def subject_map(model: nn.Module, store, sid: str, *, method: str = "gradcam", l
     `channels` and `intensity` must be what the model trained on (the fold's config.yaml).
     """
     if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
+        raise UserError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
     halves = {}
     for side in SIDES:
         x = hemisphere_input(store, sid, side, channels=channels, intensity=intensity)
@@ -206,10 +208,8 @@ def save_montage(background: np.ndarray, heat: np.ndarray, lesion: np.ndarray | 
 def explain_subject(weights: str | Path, store, sid: str, *, out_dir: str | Path, method: str = "gradcam",
                     layer: str | None = None, top: float = 0.05) -> dict:
     """Map, NIfTI, montage and overlap scores of one subject for one trained phase (weights.pt)."""
-    from stroke_tss.predict import fold_config, load_model
-
     if sid not in store.subject_ids:
-        raise ValueError(f"subject {sid!r} is not in store {store.path}; subjects look like {store.subject_ids[:3]}")
+        raise UserError(f"subject {sid!r} is not in store {store.path}; subjects look like {store.subject_ids[:3]}")
     model = load_model(weights)
     cfg = fold_config(Path(weights).parent)
     heat = subject_map(model, store, sid, method=method, layer=layer, channels=(cfg.get("data") or {}).get("channels"),

@@ -8,6 +8,7 @@ averaged over folds.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +19,15 @@ import torch
 import yaml
 from torch import nn
 
+from data_prep.build import prep
+from data_prep.config import PrepConfig
+from data_prep.store import create_or_extend, open_store, set_reference_histogram
+from stroke_tss.data import StoreDataset
 from stroke_tss.errors import UserError
 from stroke_tss.models import build_model
-
-DETECT_TASK = "lesion_present"
-TSS_TASKS = ("tss_lt_4h5", "tss_lt_3h")
-SIDES = ("left", "right")
+from stroke_tss.report.collect import store_path
+from stroke_tss.tasks import DETECTION_TASK, ONSET_TASKS, SIDES, Sample
+from stroke_tss.weights import load_weights
 
 
 @dataclass(frozen=True)
@@ -47,8 +51,8 @@ def load_model(path: str | Path) -> nn.Module:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no weights file; train this phase first or pick another --phase/--fold")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    missing = [k for k in ("model", "init_args", "state_dict") if k not in blob]
+    blob = load_weights(path)
+    missing = [k for k in ("model", "init_args") if k not in blob]
     if missing:
         raise UserError(f"{path}: field(s) {', '.join(missing)} missing; not a stroke-tss weights.pt")
     model = build_model(blob["model"], **blob["init_args"])
@@ -132,9 +136,7 @@ def phase_order(phases: list[Phase]) -> list[str]:
 
 def hemisphere_input(store, sid: str, side: str, *, channels=None, intensity: str = "zscore") -> torch.Tensor:
     """(1, C, Z, Y, X/2): one hemisphere read exactly as the training dataset reads it (no augmentation)."""
-    from stroke_tss.data import Sample, StoreDataset
-
-    dataset = StoreDataset(store.path, [Sample(sid, side, 0)], channels=channels, intensity=intensity)
+    dataset = StoreDataset(store, [Sample(sid, side, 0)], channels=channels, intensity=intensity)
     return dataset[0]["x"][None]
 
 
@@ -147,12 +149,12 @@ def predict_store(run: str | Path, store, *, variant: str | None = None, fold: i
                   subjects: list[str] | None = None) -> pd.DataFrame:
     """Per subject: detector's per-hemisphere probability and pick, TSS probabilities and decisions."""
     phases = find_phases(run, variant=variant, fold=fold)
-    detect = pick_phase(phases, task=DETECT_TASK)
-    tss = {t: pick_phase(phases, task=t) for t in TSS_TASKS}
+    detect = pick_phase(phases, task=DETECTION_TASK)
+    tss = {t: pick_phase(phases, task=t) for t in ONSET_TASKS}
     tss = {t: p for t, p in tss.items() if p}
     if not tss and not detect:
-        raise UserError(f"{run}: no phase predicts {DETECT_TASK} or {', '.join(TSS_TASKS)}")
-    groups = {DETECT_TASK: detect, **tss}
+        raise UserError(f"{run}: no phase predicts {DETECTION_TASK} or {', '.join(ONSET_TASKS)}")
+    groups = {DETECTION_TASK: detect, **tss}
     models = {key: [load_model(p.path / "weights.pt") for p in ps] for key, ps in groups.items() if ps}
     rows = []
     for sid in subjects or store.subject_ids:
@@ -162,7 +164,7 @@ def predict_store(run: str | Path, store, *, variant: str | None = None, fold: i
 
         row: dict = {"subject_id": sid}
         if detect:
-            scores = {side: _probabilities(models[DETECT_TASK], x(DETECT_TASK, side)) for side in SIDES}
+            scores = {side: _probabilities(models[DETECTION_TASK], x(DETECTION_TASK, side)) for side in SIDES}
             row.update({f"lesion_{side}": scores[side] for side in SIDES})
             side = max(SIDES, key=scores.get)
         else:  # no detector in the run: fall back to the table's side, else left
@@ -187,19 +189,10 @@ def _known_side(store, sid: str) -> str:
 def prep_like_training(run: str | Path, manifest: str | Path, *, workers: int = 2) -> Path:
     """Preprocess new subjects into RUN/predict/<manifest>-<hash>/ with the training store's grid, config and
     reference histogram (seeded into the new store before `prep`, which then reuses it)."""
-    import hashlib
-
-    from data_prep.config import PrepConfig
-    from data_prep.store import StoreError, create_or_extend, open_store, set_reference_histogram
-    from stroke_tss.report.collect import store_path
-
     trained = store_path([run])
     if trained is None:
         raise UserError(f"{run}/config.yaml names no data.store; cannot preprocess like the training data")
-    try:
-        attrs = open_store(trained).attrs
-    except StoreError as exc:
-        raise UserError(f"training store: {exc}") from None
+    attrs = open_store(trained).attrs
     config = PrepConfig.model_validate(attrs["prep_config"])
     manifest = Path(manifest)
     digest = hashlib.sha1(manifest.read_bytes() + config.config_hash().encode()).hexdigest()[:10]
@@ -208,8 +201,6 @@ def prep_like_training(run: str | Path, manifest: str | Path, *, workers: int = 
         create_or_extend(out, config=config, subject_ids=[])
         if attrs.get("reference_histogram"):
             set_reference_histogram(out, attrs["reference_histogram"])
-    from data_prep.build import prep  # the Dask pipeline; re-running only finishes what is missing
-
     result = prep(manifest, out, config=config, workers=workers)
     if getattr(result, "failed", None):
         raise UserError(f"{manifest}: preprocessing failed for {result.failed}; see {out}/failures.csv")

@@ -11,14 +11,21 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from stroke_tss.checkpoint import load_weights
+from data_prep.store import Store, open_store
+from stroke_tss.adaptive import adapt_phase
 from stroke_tss.config import Config, dump_config, merge, validate
 from stroke_tss.config.training import PhaseSection
-from stroke_tss.data import StoreDataset, subject_strata, task_samples
-from stroke_tss.splits import fold_of, make_splits, write_splits_once
+from stroke_tss.data import StoreDataset
+from stroke_tss.errors import UserError
+from stroke_tss.models import build_model, freeze, reinit, train_only
+from stroke_tss.models.external import load_encoder_weights, load_torchvision_resnet18
+from stroke_tss.splits import ensure_splits, fold_of
+from stroke_tss.tasks import LABEL_AUGMENTATIONS, get_task, task_samples
 from stroke_tss.train import train_phase
+from stroke_tss.weights import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -26,36 +33,14 @@ log = logging.getLogger(__name__)
 def resolve_variant(cfg: Config, name: str) -> Config:
     """The base config with variant ``name``'s overrides merged in (validated)."""
     if name not in cfg.variants:
-        raise ValueError(f"unknown variant {name!r}; the config defines {', '.join(cfg.variants)}")
+        raise UserError(f"unknown variant {name!r}; the config defines {', '.join(cfg.variants)}")
     base = cfg.model_dump(mode="json")
     return validate(merge(base, cfg.variants[name]), schema=type(cfg), source=f"variant {name}")
 
 
-def ensure_splits(cfg: Config) -> dict:
-    """RUN/splits.json, written once from the store's subjects table; every fold and rank reads the same."""
-    from data_prep.store import open_store
-
-    path = Path(cfg.run.dir) / "splits.json"
-    if path.exists():
-        from stroke_tss.splits import read_splits
-
-        return read_splits(path)
-    table = open_store(cfg.data.store).table
-    splits = make_splits(list(table["subject_id"]), kind=cfg.cv.kind, num_folds=cfg.cv.folds,
-                         val_fraction=cfg.cv.val_fraction, seed=cfg.seed,
-                         strata=subject_strata(table, cfg.cv.stratify),
-                         sites=list(table["site"].astype(str)) if "site" in table else None)
-    return write_splits_once(path, splits)
-
-
-def build_phase_model(cfg: Config, *, init: str, phase_dirs: dict[str, Path], run_dir: Path) -> nn.Module:
+def build_phase_model(cfg: Config, store: Store, *, init: str, phase_dirs: dict[str, Path], run_dir: Path) -> nn.Module:
     """The model of a phase, initialised as ``init`` says (random | earlier phase | genesis | weights file)."""
-    from data_prep.store import open_store
-    from stroke_tss.models import build_model
-    from stroke_tss.models.external import load_encoder_weights, load_torchvision_resnet18
-
     options = dict(cfg.model.options)
-    store = open_store(cfg.data.store)
     if cfg.model.name == "slicewise2d" and "num_slices" not in options:
         options["num_slices"] = int(store.attrs["shape_xyz"][2])
     if "in_channels" not in options:
@@ -68,7 +53,7 @@ def build_phase_model(cfg: Config, *, init: str, phase_dirs: dict[str, Path], ru
         return model
     source = run_dir / "genesis" / "weights.pt" if init == "genesis" else Path(init)
     if init == "genesis" and not source.is_file():
-        raise ValueError(f"init: genesis needs {source}; run `stroke-tss pretrain CONFIG` first")
+        raise UserError(f"init: genesis needs {source}; run `stroke-tss pretrain CONFIG` first")
     own = _own_weights(source, cfg.model.name)
     if own is not None:  # a phase of this package, e.g. `adapt --source RUN/.../weights.pt`
         model.load_state_dict(own)
@@ -87,19 +72,17 @@ def _own_weights(path: Path, model_name: str) -> dict | None:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError) as exc:  # a truncated file: name it instead of torch's zip error
-        raise ValueError(f"init weights {path} are unreadable ({exc}); replace the file or re-run its phase") from None
+        raise UserError(f"init weights {path} are unreadable ({exc}); replace the file or re-run its phase") from None
     if isinstance(data, dict) and data.get("model") == model_name and "state_dict" in data:
         return data["state_dict"]
     return None
 
 
-def phase_model(cfg: Config, phase: PhaseSection, *, phase_dirs: dict[str, Path], run_dir: Path,
+def phase_model(cfg: Config, phase: PhaseSection, store: Store, *, phase_dirs: dict[str, Path], run_dir: Path,
                 frozen: list[str] | None = None) -> nn.Module:
     """The phase's model, initialised and seeded, with `frozen` (default: the phase's own groups) held fixed."""
-    from stroke_tss.models import freeze, reinit, train_only
-
     torch.manual_seed(cfg.seed)
-    model = build_phase_model(cfg, init=phase.init, phase_dirs=phase_dirs, run_dir=run_dir)
+    model = build_phase_model(cfg, store, init=phase.init, phase_dirs=phase_dirs, run_dir=run_dir)
     reinit(model, phase.reinit)
     if phase.train_only is not None:
         train_only(model, phase.train_only)
@@ -108,57 +91,51 @@ def phase_model(cfg: Config, phase: PhaseSection, *, phase_dirs: dict[str, Path]
     return model
 
 
-def phase_datasets(cfg: Config, phase: PhaseSection, subjects: dict[str, list[str]], *, table,
+def phase_datasets(cfg: Config, phase: PhaseSection, subjects: dict[str, list[str]], store: Store, *,
                    where: str) -> dict[str, StoreDataset]:
     """train/val/test datasets of the phase's task over one fold's subjects (train ones augmented)."""
+    kept = get_task(phase.task).augmentations
     datasets = {}
     for split in ("train", "val", "test"):
-        samples, skipped = task_samples(table, phase.task, subjects[split])
+        samples, skipped = task_samples(store.table, phase.task, subjects[split])
         if skipped:
             log.info("%s %s: %d subjects without a %s label skipped", where, split, skipped, phase.task)
-        augment = cfg.train.augment.model_dump(exclude_defaults=True) if split == "train" else None
-        if augment and phase.task != "lesion_present":
-            augment.pop("lesion_swap", None)  # it relabels lesion presence; onset and outcome labels stay put
-        if augment and phase.task not in ("tss_lt_3h", "tss_lt_4h5"):
-            augment.pop("lesion_transplant", None)  # the label must live in the lesion: onset only
-        datasets[split] = StoreDataset(cfg.data.store, samples, channels=cfg.data.channels,
-                                       intensity=cfg.train.intensity, augment=augment, seed=cfg.seed)
+        augment = None
+        if split == "train":
+            augment = cfg.train.augment.model_dump(exclude_defaults=True)
+            for name in LABEL_AUGMENTATIONS - kept:  # they would make this task's labels untrue
+                augment.pop(name, None)
+        datasets[split] = StoreDataset(store, samples, channels=cfg.data.channels, intensity=cfg.train.intensity,
+                                       augment=augment, seed=cfg.seed)
     if not len(datasets["train"]) or not len(datasets["val"]):
-        raise ValueError(f"{where}: no {phase.task} samples in train or val; use more subjects or fewer folds")
+        raise UserError(f"{where}: no {phase.task} samples in train or val; use more subjects or fewer folds")
     return datasets
 
 
 def run_fold(cfg: Config, *, fold: int, variants: list[str] | None = None) -> dict[str, dict]:
     """Run fold ``fold``'s phases for each variant (default: all) into RUN/<variant>/fold-<k>/<phase>/."""
-    import torch.distributed as dist
-
-    from data_prep.store import open_store
-
     run_dir = Path(cfg.run.dir)
     main = not dist.is_initialized() or dist.get_rank() == 0
-    subjects = fold_of(ensure_splits(cfg), fold)
+    store = open_store(cfg.data.store)  # once per fold: the datasets share it (it pickles as its path)
+    subjects = fold_of(ensure_splits(cfg, store.table), fold)
     results: dict[str, dict] = {}
     for name in variants or list(cfg.variants):
         vcfg = resolve_variant(cfg, name)
         fold_dir = run_dir / name / f"fold-{fold}"
         if main:
             dump_config(vcfg, fold_dir / "config.yaml")
-        table = open_store(vcfg.data.store).table
         phase_dirs: dict[str, Path] = {}
         for phase_name, phase in vcfg.phases.items():
             if phase.init not in ("random", "genesis") and phase.init not in phase_dirs and phase.init in vcfg.phases:
-                raise ValueError(f"phase {phase_name}: init {phase.init!r} names a phase that does not run before it")
-            datasets = phase_datasets(vcfg, phase, subjects, table=table,
-                                      where=f"variant {name}, phase {phase_name}, fold {fold}")
+                raise UserError(f"phase {phase_name}: init {phase.init!r} names a phase that does not run before it")
+            datasets = phase_datasets(vcfg, phase, subjects, store, where=f"variant {name}, phase {phase_name}, fold {fold}")
             out = fold_dir / phase_name
             if phase.freeze == "auto":
-                from stroke_tss.adaptive import adapt_phase
-
-                build = partial(phase_model, vcfg, phase, phase_dirs=dict(phase_dirs), run_dir=run_dir, frozen=[])
+                build = partial(phase_model, vcfg, phase, store, phase_dirs=dict(phase_dirs), run_dir=run_dir, frozen=[])
                 results[f"{name}/{phase_name}"] = adapt_phase(vcfg, phase, build=build, datasets=datasets,
                                                               out_dir=out, is_main=main)
             else:
-                model = phase_model(vcfg, phase, phase_dirs=phase_dirs, run_dir=run_dir)
+                model = phase_model(vcfg, phase, store, phase_dirs=phase_dirs, run_dir=run_dir)
                 results[f"{name}/{phase_name}"] = train_phase(
                     model, datasets, out, task=phase.task, train=vcfg.train, engine=vcfg.engine,
                     optimizer=phase.optimizer, stopping=phase.stopping, seed=vcfg.seed)

@@ -12,6 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+
+from stroke_tss.config import Config
+from stroke_tss.errors import UserError
+from stroke_tss.tasks import subject_strata
 
 SPLIT_KINDS = ("kfold", "holdout", "loso")
 SCHEMA = 1
@@ -60,7 +65,7 @@ def make_splits(subject_ids: Sequence[str], *, kind: str = "kfold", strata: Sequ
     ids = np.array([str(s) for s in subject_ids])
     if len(set(ids.tolist())) != ids.size:
         dup = sorted({s for s in ids.tolist() if (ids == s).sum() > 1})
-        raise ValueError(f"subject ids repeat in the subjects table: {', '.join(dup[:5])}")
+        raise UserError(f"subject ids repeat in the subjects table: {', '.join(dup[:5])}")
     strata_arr = np.array(["_"] * ids.size if strata is None else [str(s) for s in strata])
     if strata_arr.size != ids.size:
         raise ValueError("strata must give one value per subject")
@@ -69,7 +74,7 @@ def make_splits(subject_ids: Sequence[str], *, kind: str = "kfold", strata: Sequ
     folds: list[dict[str, list[str]]] = []
     if kind == "kfold":
         if not 2 <= num_folds <= ids.size:
-            raise ValueError(f"cv.folds={num_folds} must be between 2 and the number of subjects ({ids.size})")
+            raise UserError(f"cv.folds={num_folds} must be between 2 and the number of subjects ({ids.size})")
         tests = _stratified_chunks(ids, strata_arr, num_folds, rng)
         for test in tests:
             ts = set(test)
@@ -77,7 +82,7 @@ def make_splits(subject_ids: Sequence[str], *, kind: str = "kfold", strata: Sequ
             folds.append({"train": train, "val": val, "test": sorted(test)})
     elif kind == "holdout":
         if len(holdout) != 3 or abs(sum(holdout) - 1) > 1e-6 or min(holdout) < 0:
-            raise ValueError(f"holdout fractions {holdout} must be three non-negative numbers summing to 1")
+            raise UserError(f"holdout fractions {holdout} must be three non-negative numbers summing to 1")
         parts: dict[str, list[str]] = {"train": [], "val": [], "test": []}
         for value in sorted(set(strata_arr.tolist())):
             members = ids[strata_arr == value]
@@ -90,17 +95,17 @@ def make_splits(subject_ids: Sequence[str], *, kind: str = "kfold", strata: Sequ
         folds.append({k: sorted(v) for k, v in parts.items()})
     elif kind == "loso":
         if sites is None:
-            raise ValueError("leave-one-site-out needs a 'site' column in the subjects table")
+            raise UserError("leave-one-site-out needs a 'site' column in the subjects table")
         site_arr = np.array([str(s) for s in sites])
         if len(set(site_arr.tolist())) < 2:
-            raise ValueError("leave-one-site-out needs at least two sites in the 'site' column")
+            raise UserError("leave-one-site-out needs at least two sites in the 'site' column")
         for site in sorted(set(site_arr.tolist())):
             test = ids[site_arr == site].tolist()
             rest = ids[site_arr != site].tolist()
             train, val = _inner_val(rest, strata_of, val_fraction, rng)
             folds.append({"train": train, "val": val, "test": sorted(test), "site": site})
     else:
-        raise ValueError(f"unknown split kind {kind!r}; choose one of {', '.join(SPLIT_KINDS)}")
+        raise UserError(f"unknown split kind {kind!r}; choose one of {', '.join(SPLIT_KINDS)}")
     return {"schema": SCHEMA, "kind": kind, "seed": seed, "num_subjects": int(ids.size), "folds": folds}
 
 
@@ -127,11 +132,11 @@ def read_splits(path: str | Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ValueError(f"{path} does not exist: run the first fold or `stroke-tss cv` to write it") from None
+        raise UserError(f"{path} does not exist: run the first fold or `stroke-tss cv` to write it") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); delete it to write the splits again") from None
+        raise UserError(f"{path} is not valid JSON ({e}); delete it to write the splits again") from None
     if data.get("schema") != SCHEMA or "folds" not in data:
-        raise ValueError(f"{path} is not a splits file of schema {SCHEMA}; delete it to write the splits again")
+        raise UserError(f"{path} is not a splits file of schema {SCHEMA}; delete it to write the splits again")
     return data
 
 
@@ -139,5 +144,17 @@ def fold_of(splits: dict, fold: int) -> dict[str, list[str]]:
     """The subject lists of one fold; ValueError naming the valid range."""
     folds = splits["folds"]
     if not 0 <= fold < len(folds):
-        raise ValueError(f"--fold {fold} is outside 0..{len(folds) - 1} (splits.json holds {len(folds)} folds)")
+        raise UserError(f"--fold {fold} is outside 0..{len(folds) - 1} (splits.json holds {len(folds)} folds)")
     return folds[fold]
+
+
+def ensure_splits(cfg: Config, table: pd.DataFrame) -> dict:
+    """RUN/splits.json, written once from the store's subjects ``table``; every fold and rank reads the same."""
+    path = Path(cfg.run.dir) / "splits.json"
+    if path.exists():
+        return read_splits(path)
+    splits = make_splits(list(table["subject_id"]), kind=cfg.cv.kind, num_folds=cfg.cv.folds,
+                         val_fraction=cfg.cv.val_fraction, seed=cfg.seed,
+                         strata=subject_strata(table, cfg.cv.stratify),
+                         sites=list(table["site"].astype(str)) if "site" in table else None)
+    return write_splits_once(path, splits)

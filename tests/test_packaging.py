@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.integration
 def test_the_wheel_ships_the_configs_and_the_installed_demo_finds_them(tmp_path):
-    from stroke_tss.demo import SIZES
+    from stroke_tss.runs.demo import SIZES
 
     # build from a copy: setuptools writes build/ and *.egg-info next to setup.py
     source = tmp_path / "source"
@@ -36,7 +36,7 @@ def test_the_wheel_ships_the_configs_and_the_installed_demo_finds_them(tmp_path)
     assert shipped and {f"stroke_tss/configs/{n}" for n in shipped} <= names
 
     # import the unpacked wheel from outside the checkout: the demo must resolve its configs inside it
-    probe = ("import json; from stroke_tss.demo import CONFIGS, SIZES; from stroke_tss.config import load_config\n"
+    probe = ("import json; from stroke_tss.runs.demo import CONFIGS, SIZES; from stroke_tss.config import load_config\n"
              "spec = SIZES['small']; load_config(CONFIGS / spec.experiment, [])\n"
              "print(json.dumps({'configs': str(CONFIGS), 'files': sorted(p.name for p in CONFIGS.iterdir())}))")
     env = {**os.environ, "PYTHONPATH": str(site)}

@@ -20,7 +20,8 @@ import submitit
 
 from hpc.launch import launch_items
 from stroke_tss.config import load_config
-from stroke_tss.cv import FoldItem, FoldTask, prepare_run
+from stroke_tss.runs.cv import FoldItem, FoldTask
+from stroke_tss.runs.folder import prepare_run
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration]
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from stroke_tss.adaptive import format_table, read_table
 from stroke_tss.commands.common import add_config_arguments, load_with_executor
+from stroke_tss.runs.adapt import run_adapt
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,8 +21,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from stroke_tss.adaptive import format_table, read_table, run_adapt
-
     cfg = load_with_executor(args)
     rows, metrics, out_dir = run_adapt(cfg, source=args.source, phase=args.phase, fold=args.fold,
                                        variant=args.variant)

@@ -6,6 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from stroke_tss.runs.cv import unfinished_items
+from stroke_tss.runs.summary import format_summary, read_summary, write_summary
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", type=Path, help="run folder written by `stroke-tss cv`")
@@ -13,9 +16,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from stroke_tss.cv import unfinished_items
-    from stroke_tss.summary import format_summary, read_summary, write_summary
-
     unfinished = unfinished_items(args.run)
     path = write_summary(args.run, num_resamples=args.resamples)
     print(format_summary(read_summary(args.run)))

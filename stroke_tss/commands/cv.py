@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 
 from stroke_tss.commands.common import add_config_arguments, load_with_executor
+from stroke_tss.runs.cv import run_cv
+from stroke_tss.runs.summary import format_summary, read_summary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,9 +19,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from stroke_tss.cv import run_cv
-    from stroke_tss.summary import format_summary, read_summary
-
     cfg = load_with_executor(args)
     results = run_cv(cfg, wait=not args.no_wait, variants=args.variants)
     run_dir = Path(cfg.run.dir)

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 
 from stroke_tss.commands.common import EXECUTORS
+from stroke_tss.errors import UserError
+from stroke_tss.runs.demo import run_demo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,9 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from stroke_tss.demo import run_demo
-    from stroke_tss.errors import UserError
-
     if args.subjects is not None and args.subjects < 20:
         raise UserError(f"--subjects {args.subjects}: cross-validation needs at least 20 subjects")
     if args.lesions is not None and not args.lesions.is_dir():

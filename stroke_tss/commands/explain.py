@@ -6,6 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
+from data_prep.store import open_store
+from stroke_tss.errors import UserError
+from stroke_tss.explain import explain_subject
+from stroke_tss.predict import find_phases, fold_config, phase_order
+from stroke_tss.report.collect import store_path
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", type=Path, metavar="RUN", help="trained run folder")
@@ -21,12 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from data_prep.store import StoreError, open_store
-    from stroke_tss.errors import UserError
-    from stroke_tss.explain import explain_subject
-    from stroke_tss.predict import find_phases, fold_config, phase_order
-    from stroke_tss.report.collect import store_path
-
     phases = find_phases(args.run, variant=args.variant, fold=args.fold)
     names = phase_order(phases)
     phase = args.phase or names[-1]
@@ -36,11 +36,7 @@ def main(args: argparse.Namespace) -> int:
     store = args.store or (fold_config(chosen[0].path).get("data") or {}).get("store") or store_path([args.run])
     if store is None:
         raise UserError(f"{args.run}/config.yaml names no data.store; pass --store")
-    try:
-        st = open_store(store)
-        result = explain_subject(chosen[0].path / "weights.pt", st, args.subject, method=args.method,
-                                 layer=args.layer, out_dir=args.out or args.run / "explain" / args.subject)
-    except (StoreError, ValueError) as exc:
-        raise UserError(str(exc)) from None
+    result = explain_subject(chosen[0].path / "weights.pt", open_store(store), args.subject, method=args.method,
+                             layer=args.layer, out_dir=args.out or args.run / "explain" / args.subject)
     print(json.dumps(result, indent=2))
     return 0

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from data_prep.store import open_store
+from stroke_tss.errors import UserError
+from stroke_tss.predict import predict_store, prep_like_training
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", type=Path, metavar="RUN", help="trained run folder")
@@ -18,17 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from data_prep.store import StoreError, open_store
-    from stroke_tss.errors import UserError
-    from stroke_tss.predict import predict_store, prep_like_training
-
     data = args.data
     if data.suffix.lower() == ".csv":
         data = prep_like_training(args.run, data, workers=args.workers)
-    try:
-        store = open_store(data)
-    except StoreError as exc:
-        raise UserError(str(exc)) from None
+    store = open_store(data)
     missing = [s for s in args.subjects or [] if s not in store.subject_ids]
     if missing:
         raise UserError(f"subject(s) {', '.join(missing)} not in {data}; it holds {len(store.subject_ids)} subjects")

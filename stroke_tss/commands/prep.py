@@ -7,9 +7,10 @@ import logging
 import time
 from pathlib import Path
 
-from data_prep.config import PrepConfig
-from data_prep.errors import InputError
-from stroke_tss.config.loader import read_yaml_tree, validate
+import distributed  # noqa: F401  (it sets its loggers' levels when imported; main() lowers them after)
+
+from data_prep.build import prep
+from stroke_tss.config.prep import load_prep_config
 from stroke_tss.errors import UserError
 
 
@@ -29,14 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs and batch jobs)")
 
 
-def load_prep_config(path: Path | None) -> PrepConfig:
-    """PrepConfig from a YAML file (top-level keys, or the `prep:` section of an experiment file)."""
-    if path is None:
-        return PrepConfig()
-    raw = read_yaml_tree(path)
-    return validate(raw.get("prep", raw), schema=PrepConfig, source=str(path))
-
-
 def _slurm_options(args: argparse.Namespace) -> dict:
     opts = {"memory": args.memory, "walltime": args.walltime}
     if args.partition:
@@ -52,20 +45,11 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
     options = _slurm_options(args) if args.cluster == "slurm" else None
     # Dask logs every worker start and stop at INFO; our own lines and the progress bar say what matters.
-    # distributed sets its loggers' levels when imported, so import it first.
-    import distributed  # noqa: F401
-
     for name in ("distributed", "dask_jobqueue"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    from data_prep.build import prep  # pandas, zarr, dask: only when a build runs
-    from data_prep.store import StoreError
-
     start = time.perf_counter()
-    try:
-        result = prep(args.manifest, args.store, config=config, workers=args.workers, cluster=args.cluster,
-                      cluster_options=options, progress=not args.no_progress)
-    except (InputError, StoreError) as exc:  # a bad manifest or config; not our store; another config
-        raise UserError(str(exc)) from None
+    result = prep(args.manifest, args.store, config=config, workers=args.workers, cluster=args.cluster,
+                  cluster_options=options, progress=not args.no_progress)
     new = len(result.done) - len(result.skipped)
     print(f"store {result.store}: {len(result.done)} subject(s) ({new} new, {len(result.skipped)} already "
           f"there), {len(result.failed)} failed, {time.perf_counter() - start:.1f} s")

@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from stroke_tss.commands.common import ranks, run_preemptible
+from stroke_tss.config import load_config
+from stroke_tss.runs.folder import check_store
+from stroke_tss.runs.pretrain import pretrain_run
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, help="experiment YAML with a genesis section, e.g. configs/tss3d.yaml")
@@ -12,19 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from hpc.env import destroy_distributed, init_distributed
-    from stroke_tss.config import load_config
-    from stroke_tss.errors import UserError
-    from stroke_tss.logs import setup_logging
-    from stroke_tss.pretrain import pretrain_genesis
-
     cfg = load_config(args.config, args.overrides)
-    env = init_distributed(timeout_s=cfg.engine.timeout_s)
-    setup_logging(env.rank)
-    try:
-        print(pretrain_genesis(cfg))
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    finally:
-        destroy_distributed()
-    return 0
+    check_store(cfg)
+    with ranks(cfg):
+        return run_preemptible("pretrain", lambda: print(pretrain_run(cfg)))

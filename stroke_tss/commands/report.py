@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from stroke_tss.errors import UserError
+from stroke_tss.report import write_report
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folder(s) to report on together")
@@ -17,9 +20,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from stroke_tss.errors import UserError
-    from stroke_tss.report import write_report
-
     if not 0 < args.specificity < 1:
         raise UserError(f"--specificity must be between 0 and 1, got {args.specificity}")
     if args.resamples < 100:

@@ -7,8 +7,6 @@ import logging
 from pathlib import Path
 
 from data_prep.cohort import read_manifest, scan_tree, write_manifest
-from data_prep.errors import InputError
-from stroke_tss.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -22,12 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        table = scan_tree(args.root, clinical=args.clinical)
-        path = write_manifest(table, args.output)
-        manifest = read_manifest(path, channels=tuple(c.strip() for c in args.channels.split(",") if c.strip()))
-    except (ValueError, InputError) as exc:
-        raise UserError(str(exc)) from None
+    table = scan_tree(args.root, clinical=args.clinical)
+    path = write_manifest(table, args.output)
+    manifest = read_manifest(path, channels=tuple(c.strip() for c in args.channels.split(",") if c.strip()))
     print(f"wrote {path}: {len(table)} subject(s), {len(manifest.rows)} valid for channels {args.channels}")
     for row in manifest.rows:
         if row.derived:

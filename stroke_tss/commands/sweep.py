@@ -5,22 +5,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stroke_tss.commands.common import EXECUTORS
+from stroke_tss.commands.common import EXECUTORS, load_with_executor
+from stroke_tss.runs.cv import run_cv
+from stroke_tss.runs.summary import read_summary
+from stroke_tss.runs.sweep import format_ranking, rank_points, read_grid, sweep_config, write_ranking
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, help="experiment YAML the points start from")
-    parser.add_argument("grid", type=Path, help="grid YAML (see stroke_tss/sweep.py)")
+    parser.add_argument("grid", type=Path, help="grid YAML (see stroke_tss/runs/sweep.py)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     parser.add_argument("--executor", choices=EXECUTORS, default=None)
 
 
 def main(args: argparse.Namespace) -> int:
-    from stroke_tss.commands.common import load_with_executor
-    from stroke_tss.cv import run_cv
-    from stroke_tss.summary import read_summary
-    from stroke_tss.sweep import format_ranking, rank_points, read_grid, sweep_config, write_ranking
-
     cfg = load_with_executor(args)
     grid = read_grid(args.grid)
     swept, points = sweep_config(cfg, grid, source=str(args.grid))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from data_prep.store import StoreError, open_store
 from stroke_tss.report import clinical, plots
 from stroke_tss.report.collect import collect_logs, collect_predictions, schedule_order, store_path
 from stroke_tss.report.tables import (
@@ -108,8 +109,6 @@ def write_report(runs: list[str | Path], *, out_dir: str | Path | None = None, s
 
 
 def _clinical_sections(runs, store, *, specificity, num_resamples, seed) -> list[str]:
-    from data_prep.store import StoreError, open_store
-
     path = Path(store) if store is not None else store_path(runs)
     if path is None:
         return ["## Readers and baselines", "", "(no store given or named in config.yaml: skipped)", ""]

@@ -12,18 +12,26 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-from hpc.launch import CheckpointableTask, ItemResult, launch_items
-from stroke_tss.config import Config, dump_config, validate
+from data_prep.store import open_store
+from hpc.launch import ItemResult, launch_items
+from stroke_tss.config import Config
 from stroke_tss.errors import UserError
+from stroke_tss.runs.folder import (
+    RunTask,
+    needs_genesis,
+    prepare_run,
+    read_run_config,
+    record_job,
+    select_variants,
+)
+from stroke_tss.runs.pretrain import GenesisTask
+from stroke_tss.runs.summary import write_summary
+from stroke_tss.schedule import resolve_variant, run_fold
+from stroke_tss.splits import ensure_splits
+from stroke_tss.train import phase_done
 
 log = logging.getLogger(__name__)
-
-# Keys that may differ between two invocations on the same run folder: where it runs, not what it computes.
-_RUNTIME_KEYS = ("launch",)
 
 
 @dataclass(frozen=True)
@@ -36,130 +44,23 @@ class FoldItem:
         return f"{self.variant}-fold-{self.fold}"
 
 
-class RunTask(CheckpointableTask):
-    """A work item of the run: validate the config, join the item's process group, do the work."""
-
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.config = config
-
-    def run(self, item: Any, out_dir: Path) -> Any:
-        from hpc.env import destroy_distributed, init_distributed
-        from stroke_tss.logs import setup_logging
-
-        cfg = validate(self.config)
-        env = init_distributed(timeout_s=cfg.engine.timeout_s)
-        setup_logging(env.rank)
-        try:
-            return self.work(cfg, item, is_main=env.is_main)
-        finally:
-            destroy_distributed()
-
-    def work(self, cfg: Config, item: Any, *, is_main: bool) -> Any:
-        raise NotImplementedError
-
-
 class FoldTask(RunTask):
     """One (variant, fold) schedule; resumes from the run folder, so a requeue continues where it stopped."""
 
     def work(self, cfg: Config, item: FoldItem, *, is_main: bool) -> dict:
-        from stroke_tss.schedule import run_fold
-
-        _record_job(cfg, is_main)
+        record_job(cfg, is_main=is_main)
         results = run_fold(cfg, fold=item.fold, variants=[item.variant])
         return {key: value.get("test", value) for key, value in results.items()} if is_main else {}
 
 
-class GenesisTask(RunTask):
-    """Models Genesis pretraining of the run (once, shared by every fold)."""
-
-    def work(self, cfg: Config, item: str, *, is_main: bool) -> str:
-        from stroke_tss.pretrain import pretrain_genesis
-
-        return str(pretrain_genesis(cfg))
-
-
-def _record_job(cfg: Config, main: bool) -> None:
-    if main:
-        from stroke_tss.provenance import write_provenance
-
-        write_provenance(Path(cfg.run.dir), store=Path(cfg.data.store))
-
-
-def prepare_run(cfg: Config) -> Path:
-    """Check the run folder belongs to this config, write config + provenance, write splits.json once."""
-    from stroke_tss.provenance import write_provenance
-    from stroke_tss.schedule import ensure_splits
-
-    run_dir = Path(cfg.run.dir)
-    if not Path(cfg.data.store).exists():
-        raise UserError(f"data.store {cfg.data.store} does not exist; build it with `stroke-tss prep`")
-    check_same_config(cfg, run_dir / "config.yaml")
-    dump_config(cfg, run_dir / "config.yaml")
-    write_provenance(run_dir, store=Path(cfg.data.store))
-    try:
-        ensure_splits(cfg)
-    except ValueError as exc:
-        raise UserError(f"splits for {run_dir}: {exc}") from None
-    return run_dir
-
-
-def check_same_config(cfg: Config, path: Path) -> None:
-    """A run folder holds one experiment: refuse one made by a different config (launch keys aside)."""
-    if not path.exists():
-        return
-    # Through the current schema, so that a key added to the package since (with its default) is no difference.
-    old = validate(yaml.safe_load(path.read_text()) or {}, source=str(path)).model_dump(mode="json")
-    new = cfg.model_dump(mode="json")
-    for key in _RUNTIME_KEYS:
-        old.pop(key, None)
-        new.pop(key, None)
-    diff = _first_difference(old, new)
-    if diff is not None:
-        raise UserError(f"run folder {path.parent} was made by another config (they differ at '{diff}'); "
-                        "use a new run.dir or the original config")
-
-
-def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b), key=str):
-            where = f"{prefix}.{key}" if prefix else str(key)
-            if key not in a or key not in b:
-                return where
-            found = _first_difference(a[key], b[key], where)
-            if found is not None:
-                return found
-        return None
-    return None if a == b else (prefix or "<root>")
-
-
-def needs_genesis(cfg: Config, variants: list[str] | None = None) -> bool:
-    from stroke_tss.schedule import resolve_variant
-
-    return any(phase.init == "genesis" for name in select_variants(cfg, variants)
-               for phase in resolve_variant(cfg, name).phases.values())
-
-
-def select_variants(cfg: Config, variants: list[str] | None) -> list[str]:
-    """The named variants (all of the config's when None), checked against the config."""
-    unknown = sorted(set(variants or ()) - set(cfg.variants))
-    if unknown:
-        raise UserError(f"unknown variant(s) {', '.join(unknown)}; the config defines {', '.join(cfg.variants)}")
-    return list(variants) if variants else list(cfg.variants)
-
-
 def fold_items(cfg: Config, variants: list[str] | None = None) -> list[FoldItem]:
     """Every (variant, fold) of the config (or of the named variants), in submission order."""
-    from stroke_tss.schedule import ensure_splits
-
-    num_folds = len(ensure_splits(cfg)["folds"])
+    num_folds = len(ensure_splits(cfg, open_store(cfg.data.store).table)["folds"])
     return [FoldItem(variant, fold) for variant in select_variants(cfg, variants) for fold in range(num_folds)]
 
 
 def item_done(cfg: Config, item: FoldItem) -> bool:
     """Done when every phase of the variant has written its metrics (the last thing a phase writes)."""
-    from stroke_tss.schedule import resolve_variant
-    from stroke_tss.train import phase_done
-
     fold_dir = Path(cfg.run.dir) / item.variant / f"fold-{item.fold}"
     return all(phase_done(fold_dir / phase) for phase in resolve_variant(cfg, item.variant).phases)
 
@@ -168,12 +69,7 @@ def unfinished_items(run_dir: str | Path) -> list[FoldItem]:
     """Items submitted for a run folder (they have a folder under RUN/jobs/) that have not finished: still
     waiting, running, or failed."""
     run_dir = Path(run_dir)
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"{run_dir} is not a run folder (no config.yaml); pass the run.dir of a `stroke-tss cv`")
-    raw = yaml.safe_load(path.read_text()) or {}
-    raw.setdefault("run", {})["dir"] = str(run_dir)  # the folder may have moved since
-    cfg = validate(raw, source=str(path))
+    cfg = read_run_config(run_dir)
     return [item for item in fold_items(cfg) if (run_dir / "jobs" / item.name).is_dir() and not item_done(cfg, item)]
 
 
@@ -210,7 +106,5 @@ def run_cv(cfg: Config, *, wait: bool = True, variants: list[str] | None = None)
             if res.state == "failed":
                 log.error("%s failed: %s (log: %s)", res.name, res.error, res.log)
     if wait:
-        from stroke_tss.summary import write_summary
-
         write_summary(run_dir)
     return results

@@ -17,14 +17,25 @@ from pathlib import Path
 
 import pandas as pd
 
+from data_prep.build import prep
+from data_prep.phantom import synthesize_cohort
+from data_prep.store import open_store
+from stroke_tss.config import load_config
+from stroke_tss.config.prep import load_prep_config
 from stroke_tss.errors import UserError
-from stroke_tss.stages import StageTimer
+from stroke_tss.explain import explain_subject
+from stroke_tss.report import write_report
+from stroke_tss.report.collect import collect_predictions
+from stroke_tss.report.tables import delong_table, table2
+from stroke_tss.runs.cv import run_cv
+from stroke_tss.runs.stages import StageTimer
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
+PACKAGE = Path(__file__).resolve().parents[1]
+REPO = PACKAGE.parent
 # a checkout's configs/; an installed wheel carries the same files as stroke_tss/configs (setup.py)
-CONFIGS = REPO / "configs" if (REPO / "configs").is_dir() else Path(__file__).resolve().parent / "configs"
+CONFIGS = REPO / "configs" if (REPO / "configs").is_dir() else PACKAGE / "configs"
 SHARED_LESIONS = REPO.parent / "shared" / "data" / "soop" / "lesions"
 
 
@@ -61,8 +72,6 @@ def run_demo(out: Path, *, size: str = "small", executor: str = "local", seed: i
              subjects: int | None = None, workers: int = 2, lesions: Path | None = None,
              overrides: list[str] = ()) -> dict:
     """Run every stage into `out`; returns {'stages', 'gates', 'report', 'gradcam', ...} (also out/demo.json)."""
-    from stroke_tss.config import load_config
-
     spec = SIZES[size]
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
@@ -93,8 +102,6 @@ def run_demo(out: Path, *, size: str = "small", executor: str = "local", seed: i
 
 
 def _synth(folder: Path, *, num_subjects: int, seed: int, spacing_mm: float, lesions: Path | None) -> Path:
-    from data_prep.phantom import synthesize_cohort
-
     manifest = folder / "manifest.csv"
     if manifest.is_file() and (folder / "oracle.json").is_file() and len(pd.read_csv(manifest)) == num_subjects:
         log.info("cohort already in %s (deterministic per seed): kept", folder)
@@ -104,9 +111,6 @@ def _synth(folder: Path, *, num_subjects: int, seed: int, spacing_mm: float, les
 
 
 def _prep(manifest: Path, store: Path, spec: DemoSize, *, workers: int) -> None:
-    from data_prep.build import prep
-    from stroke_tss.commands.prep import load_prep_config
-
     config = load_prep_config(CONFIGS / spec.prep_config if spec.prep_config else None)
     result = prep(manifest, store, config=config, workers=workers, progress=True)
     if result.failed:
@@ -118,8 +122,6 @@ def _prep(manifest: Path, store: Path, spec: DemoSize, *, workers: int) -> None:
 
 
 def _cv(cfg) -> None:
-    from stroke_tss.cv import run_cv
-
     results = run_cv(cfg)
     failed = [r for r in results if r.state == "failed"]
     for r in failed:
@@ -130,16 +132,11 @@ def _cv(cfg) -> None:
 
 
 def _report(run_dir: Path) -> Path:
-    from stroke_tss.report import write_report
-
     return write_report([run_dir], num_resamples=1000)
 
 
 def _gradcam(run_dir: Path, store_path: Path) -> dict:
     """Grad-CAM of the 2D lesion detector on the test subject with the largest lesion of fold 0."""
-    from data_prep.store import open_store
-    from stroke_tss.explain import explain_subject
-
     phase_dir = run_dir / "2d" / "fold-0" / "lesion"
     pred = pd.read_csv(phase_dir / "predictions.csv")
     store = open_store(store_path)
@@ -157,9 +154,6 @@ def quality_gates(run_dir: Path, *, oracle: dict, lesion_target: float = 0.95, t
     lesion_present AUC >= lesion_target (best variant); best tss_lt_4h5 AUC >= tss_share x the oracle's; and
     transfer helps: 2d beats 2d_scratch on tss_lt_4h5 (paired DeLong p reported, not required to be small).
     """
-    from stroke_tss.report.collect import collect_predictions
-    from stroke_tss.report.tables import delong_table, table2
-
     pred = collect_predictions([run_dir])
     hemi = table2(pred, level="hemisphere", num_resamples=200)
     lesion = hemi[hemi["task"] == "lesion_present"]

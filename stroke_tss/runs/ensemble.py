@@ -16,6 +16,7 @@ import pandas as pd
 
 from stroke_tss.errors import UserError
 from stroke_tss.metrics import phase_metrics
+from stroke_tss.report.collect import read_predictions, run_config
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,6 @@ def mean_predictions(members: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 def write_ensemble(run_dir: Path, name: str, members: list[str]) -> list[Path]:
     """RUN/<name>/fold-<k>/<phase>/ for every fold and phase all members finished; returns the folders."""
-    from stroke_tss.report.collect import read_predictions
-
     run_dir = Path(run_dir)
     written = []
     folds = sorted({p.name for m in members for p in (run_dir / m).glob("fold-*") if p.is_dir()})
@@ -72,8 +71,6 @@ def write_ensemble(run_dir: Path, name: str, members: list[str]) -> list[Path]:
 
 def write_ensembles(run_dir: str | Path) -> list[Path]:
     """Every ensemble of the run's config.yaml, from what its members have finished."""
-    from stroke_tss.report.collect import run_config
-
     written = []
     for name, members in (run_config(run_dir).get("ensembles") or {}).items():
         written += write_ensemble(Path(run_dir), name, list(members))

@@ -15,6 +15,9 @@ import numpy as np
 import pandas as pd
 
 from stroke_tss.metrics import binary_metrics
+from stroke_tss.report.collect import collect_predictions
+from stroke_tss.report.tables import LEVELS, table2
+from stroke_tss.runs.ensemble import write_ensembles
 
 log = logging.getLogger(__name__)
 
@@ -22,9 +25,6 @@ _KEEP = ("auc", "sensitivity", "specificity", "accuracy", "ppv", "npv", "f1", "a
 
 
 def summarize(run_dir: str | Path, *, num_resamples: int = 2000, seed: int = 0) -> dict:
-    from stroke_tss.report.collect import collect_predictions
-    from stroke_tss.report.tables import LEVELS, table2
-
     pred = collect_predictions([run_dir])
     out: dict[str, dict] = {}
     for level in LEVELS:
@@ -50,8 +50,6 @@ def summarize(run_dir: str | Path, *, num_resamples: int = 2000, seed: int = 0) 
 
 
 def write_summary(run_dir: str | Path, **kwargs) -> Path:
-    from stroke_tss.ensemble import write_ensembles
-
     run_dir = Path(run_dir)
     write_ensembles(run_dir)  # ensembles are variants made of finished members: refresh them before summing up
     summary = summarize(run_dir, **kwargs)
