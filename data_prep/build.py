@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from data_prep import qc
 from data_prep import store as st
 from data_prep.cohort import Manifest, SubjectRow, read_manifest
 from data_prep.config import PrepConfig
 from data_prep.errors import InputError
+from data_prep.pipeline import preprocess_subject
 
 log = logging.getLogger(__name__)
 # one thread per worker for every numeric library, so a subject's result does not depend on scheduling
@@ -40,9 +42,6 @@ class PrepResult:
 
 def process_subject(row: dict, *, store: str, index: int, config: dict, reference: dict | None) -> dict:
     """Worker task: preprocess, write the block, then the record. Returns the record or {'error': line}."""
-    from data_prep import qc
-    from data_prep.pipeline import preprocess_subject
-
     cfg = PrepConfig.model_validate(config)
     sid = row["subject_id"]
     try:
@@ -105,7 +104,7 @@ def _make_client(cluster, workers: int, cluster_options: dict | None, log_dir: P
         client = Client(sc)
         client.wait_for_workers(1, timeout=300)
         return client, [client, sc]
-    raise ValueError(f"cluster must be 'local' or 'slurm', got {cluster!r}")
+    raise InputError(f"cluster must be 'local' or 'slurm', got {cluster!r}")
 
 
 def prep(manifest: str | Path | Manifest, store: str | Path, *, config: PrepConfig | None = None,
@@ -201,8 +200,6 @@ def _run(client, todo, rows, index, store, config, reference, failed, progress) 
 
 def finish(store: Path, *, failed: dict[str, str], valid: set[str]) -> None:
     """Driver: table, QC table and failures.csv from what is on disk now."""
-    from data_prep import qc
-
     st.assemble_table(store)
     qc.qc_table(store)
     rows = [{"subject_id": "" if k.startswith("manifest:") else k, "reason": v} for k, v in failed.items()]

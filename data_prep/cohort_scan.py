@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from data_prep.errors import InputError
+
 log = logging.getLogger(__name__)
 
 # name token (lower case) -> manifest column
@@ -62,7 +64,7 @@ def scan_tree(root: str | Path, *, clinical: str | Path | pd.DataFrame | None = 
     """One row per subject with absolute image paths; `clinical` columns merged by subject_id."""
     root = Path(root).absolute()
     if not root.is_dir():
-        raise ValueError(f"scan: {root} is not a folder (give the dataset's root folder)")
+        raise InputError(f"scan: {root} is not a folder (give the dataset's root folder)")
     found: dict[tuple[str, str], dict[str, Path]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -80,11 +82,11 @@ def scan_tree(root: str | Path, *, clinical: str | Path | pd.DataFrame | None = 
             key = (sub, ent.get("ses", ""))
             cols = found.setdefault(key, {})
             if column in cols:
-                raise ValueError(f"scan: subject {sub}: two files for {column}: {cols[column]} and "
+                raise InputError(f"scan: subject {sub}: two files for {column}: {cols[column]} and "
                                  f"{root / rel} (remove one, or write the manifest by hand)")
             cols[column] = root / rel
     if not found:
-        raise ValueError(f"scan: no NIfTI series (*_dwi, *_adc, *_flair, *_b0, *_T2w) found under {root}")
+        raise InputError(f"scan: no NIfTI series (*_dwi, *_adc, *_flair, *_b0, *_T2w) found under {root}")
     sessions: dict[str, int] = {}
     for sub, _ses in found:
         sessions[sub] = sessions.get(sub, 0) + 1
@@ -104,12 +106,12 @@ def merge_clinical(table: pd.DataFrame, clinical: str | Path | pd.DataFrame) -> 
     if not isinstance(clinical, pd.DataFrame):
         path = Path(clinical)
         if not path.is_file():
-            raise ValueError(f"scan: clinical table {path} not found (give a CSV or TSV with subject_id)")
+            raise InputError(f"scan: clinical table {path} not found (give a CSV or TSV with subject_id)")
         sep = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
         clinical = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
     clinical = clinical.rename(columns={"participant_id": "subject_id"})
     if "subject_id" not in clinical.columns:
-        raise ValueError("scan: the clinical table needs a subject_id (or participant_id) column")
+        raise InputError("scan: the clinical table needs a subject_id (or participant_id) column")
 
     def bare(s: str) -> str:
         return str(s).split("_")[0].removeprefix("sub-")

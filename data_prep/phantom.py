@@ -20,6 +20,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from data_prep.errors import InputError
 from data_prep.phantom_anatomy import (
     Anatomy,
     blob_lesion,
@@ -146,9 +147,9 @@ def synthesize_cohort(out_dir: str | Path, *, num_subjects: int, seed: int, lesi
                       spacing_mm: float = 2.0, brain_masks: bool = False) -> Path:
     """Write a phantom cohort into `out_dir`; return the path of its manifest.csv."""
     if num_subjects < 1:
-        raise ValueError(f"synth: num_subjects must be >= 1, got {num_subjects}")
+        raise InputError(f"synth: num_subjects must be >= 1, got {num_subjects}")
     if not 0.8 <= spacing_mm <= 8.0:
-        raise ValueError(f"synth: spacing_mm must be within 0.8-8 mm, got {spacing_mm}")
+        raise InputError(f"synth: spacing_mm must be within 0.8-8 mm, got {spacing_mm}")
     out_dir = Path(out_dir)
     files = lesion_files(Path(lesions_dir)) if lesions_dir is not None else None
     participants = _participants(Path(lesions_dir)) if lesions_dir is not None else {}

@@ -20,6 +20,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from data_prep.errors import InputError
+
 # series -> tissue -> relative signal (CSF on b0 = 1). ADC in 1e-3 mm^2/s for the diffusion decay.
 SIGNAL = {
     "b0": {"gm": 0.60, "wm": 0.48, "csf": 1.00, "skull": 0.03, "scalp": 0.30},
@@ -112,7 +114,7 @@ def side_of(anat: Anatomy, mask: np.ndarray) -> str:
 def lesion_files(lesions_dir: Path) -> list[Path]:
     files = sorted(p for p in Path(lesions_dir).iterdir() if p.name.endswith((".nii.gz", ".nii")))
     if not files:
-        raise ValueError(f"--lesions {lesions_dir}: no .nii/.nii.gz lesion masks there (give a folder of masks)")
+        raise InputError(f"--lesions {lesions_dir}: no .nii/.nii.gz lesion masks there (give a folder of masks)")
     return files
 
 

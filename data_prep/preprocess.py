@@ -19,6 +19,7 @@ from scipy import ndimage
 from data_prep.config import PrepConfig
 from data_prep.nifti import load_nifti
 from data_prep.register import from_ras
+from data_prep.store import grid_affine
 
 
 def load_ras(path: str | Path, *, subject_id: str, field: str) -> sitk.Image:
@@ -104,8 +105,6 @@ def bet_available() -> bool:
 
 def grid_image(config: PrepConfig) -> sitk.Image:
     """Empty SimpleITK image on the common grid (RAS axes, LPS physical space)."""
-    from data_prep.store import grid_affine
-
     return from_ras(np.zeros(config.shape, np.float32), grid_affine(config))
 
 

@@ -31,6 +31,7 @@ import zarr
 import zarr.codecs
 
 from data_prep.config import PrepConfig
+from data_prep.errors import InputError
 
 SCHEMA_VERSION = 1
 MARKER = "stroke_tss_store"
@@ -38,7 +39,7 @@ LESION_FLAG_MIN_ML = 0.1  # a hemisphere counts as lesioned above this; below it
 _VERSIONED = ("numpy", "zarr", "SimpleITK", "nibabel", "nilearn", "dask", "distributed", "stroke-tss")
 
 
-class StoreError(ValueError):
+class StoreError(InputError):
     """The path is not a store of ours, or the store does not match the request."""
 
 

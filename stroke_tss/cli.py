@@ -11,7 +11,9 @@ import importlib
 import importlib.metadata
 import sys
 
-from stroke_tss.errors import UserError
+from hpc.env import finish_process
+from stroke_tss.errors import USER_ERRORS
+from stroke_tss.logs import setup_logging
 
 # name -> one-line help; the module is stroke_tss.commands.<name with - as _>
 VERBS: dict[str, str] = {
@@ -70,13 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     # intermixed: `train CONFIG --fold 0 key=value` puts overrides after options
     args = verb_parser.parse_intermixed_args(argv[1:])
 
-    from hpc.env import finish_process
-    from stroke_tss.logs import setup_logging
-
     setup_logging()
     try:
         code = int(module.main(args) or 0)
-    except UserError as exc:
+    except USER_ERRORS as exc:
         print(f"stroke-tss {verb}: error: {exc}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from stroke_tss.errors import UserError
+
 OPTIMIZERS = ("adabound", "adam", "sgd")
 
 
@@ -20,7 +22,7 @@ def build_optimizer(params: Iterable[Any], *, name: str, lr: float, weight_decay
     """An optimizer over ``params`` (tensors or param-group dicts); ``final_lr``/``gamma`` are AdaBound's."""
     params = [p for p in params]
     if not params:
-        raise ValueError("the optimizer got no trainable parameters: check the phase's freeze/train_only groups")
+        raise UserError("the optimizer got no trainable parameters: check the phase's freeze/train_only groups")
     if name == "adabound":
         from pytorch_optimizer import AdaBound
 

@@ -12,6 +12,7 @@ import inspect
 
 from torch import nn
 
+from stroke_tss.errors import UserError
 from stroke_tss.models.attnvgg3d import LIGHT_VARIANTS, AttnVGG3D
 from stroke_tss.models.encoder3d import AttentionEncoder3D
 from stroke_tss.models.groups import GROUP_NAMES, backbone_groups, freeze, param_groups, reinit, train_only
@@ -37,7 +38,7 @@ def model_options(name: str) -> dict[str, object]:
 
 def _check_name(name: str) -> None:
     if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+        raise UserError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
 
 
 def build_model(name: str, **options) -> nn.Module:
@@ -45,10 +46,10 @@ def build_model(name: str, **options) -> nn.Module:
     known = model_options(name)
     unknown = sorted(set(options) - set(known))
     if unknown:
-        raise ValueError(f"model {name!r} has no option(s) {unknown}; its options are {', '.join(known)}")
+        raise UserError(f"model {name!r} has no option(s) {unknown}; its options are {', '.join(known)}")
     missing = [k for k, v in known.items() if v is inspect.Parameter.empty and k not in options]
     if missing:
-        raise ValueError(f"model {name!r} needs option(s) {missing} (e.g. num_slices = the store's slice count)")
+        raise UserError(f"model {name!r} needs option(s) {missing} (e.g. num_slices = the store's slice count)")
     return _REGISTRY[name](**options)
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stroke_tss.errors import UserError
 from stroke_tss.models.norm import check_norm, make_norm
 
 LIGHT_VARIANTS = tuple(
@@ -59,7 +60,7 @@ class AttnVGG3D(nn.Module):
         super().__init__()
         check_norm(norm)
         if attention_norm not in ("softmax", "sigmoid"):
-            raise ValueError(f"attention_norm must be softmax or sigmoid, got {attention_norm!r}")
+            raise UserError(f"attention_norm must be softmax or sigmoid, got {attention_norm!r}")
         self.init_args = {"in_channels": in_channels, "base_channels": base_channels,
                           "convs_per_stage": convs_per_stage, "attention_norm": attention_norm, "norm": norm,
                           "dropout": dropout}
@@ -79,7 +80,7 @@ class AttnVGG3D(nn.Module):
     def forward_with_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Logits (batch,) and the three attention maps {"attention1".."attention3"}."""
         if min(x.shape[2:]) < 16:
-            raise ValueError(f"attnvgg3d needs every input side >= 16 (4 poolings), got {tuple(x.shape[2:])}")
+            raise UserError(f"attnvgg3d needs every input side >= 16 (4 poolings), got {tuple(x.shape[2:])}")
         x = self.pool(self.block1(self.pool(self.stem(x))))
         l1 = self.block2(x)
         l2 = self.block3(self.pool(l1))

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from stroke_tss.errors import UserError
 from stroke_tss.models.slicewise2d import SliceWise2D
 from stroke_tss.models.unet3d import Encoder3D
 
@@ -27,7 +28,7 @@ def inflate_conv_weight(weight: torch.Tensor, in_channels: int, *, key: str = "c
     if have == in_channels:
         return weight
     if in_channels % have:
-        raise ValueError(f"{key}: cannot inflate {have} input channels to {in_channels} "
+        raise UserError(f"{key}: cannot inflate {have} input channels to {in_channels} "
                          f"(not a multiple); build the model with a multiple of {have} input channels")
     repeats = in_channels // have
     return weight.repeat(1, repeats, *([1] * (weight.dim() - 2))) / repeats
@@ -39,7 +40,7 @@ def read_state_dict(source: StateSource) -> dict[str, torch.Tensor]:
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
-            raise ValueError(f"weights file {path} does not exist; give the path of a .pt file you have")
+            raise UserError(f"weights file {path} does not exist; give the path of a .pt file you have")
         source = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model"):
         if isinstance(source.get(key), Mapping):
@@ -54,7 +55,7 @@ def _load_matching(model: nn.Module, state: dict[str, torch.Tensor], *, keys: li
     own = model.state_dict()
     missing = [k for k in keys if k not in state]
     if missing:
-        raise ValueError(f"{origin}: {len(missing)} expected keys missing, e.g. {missing[:3]}; "
+        raise UserError(f"{origin}: {len(missing)} expected keys missing, e.g. {missing[:3]}; "
                          "is this the right kind of weights file?")
     loaded = {}
     for key in keys:
@@ -62,7 +63,7 @@ def _load_matching(model: nn.Module, state: dict[str, torch.Tensor], *, keys: li
         if key == first_conv:
             value = inflate_conv_weight(value, own[key].shape[1], key=f"{origin}: {key}")
         if value.shape != own[key].shape:
-            raise ValueError(f"{origin}: {key} has shape {tuple(value.shape)} but the model expects "
+            raise UserError(f"{origin}: {key} has shape {tuple(value.shape)} but the model expects "
                              f"{tuple(own[key].shape)}; build the model at the width the weights were made with")
         loaded[key] = value
     model.load_state_dict(loaded, strict=False)
@@ -74,7 +75,7 @@ def load_encoder_weights(model: nn.Module, source: StateSource) -> list[str]:
     into `unet3d` or `encoder3d` by name; returns the loaded keys. A `unet3d` target also gets the decoder
     when the source has it."""
     if not isinstance(model, Encoder3D):
-        raise ValueError(f"encoder weights load into unet3d or encoder3d, not {type(model).__name__}")
+        raise UserError(f"encoder weights load into unet3d or encoder3d, not {type(model).__name__}")
     state = read_state_dict(source)
     encoder = [k for k in model.state_dict() if k.startswith("down_tr")]
     rest = [k for k in model.state_dict() if not k.startswith("down_tr") and k in state]
@@ -86,7 +87,7 @@ def load_torchvision_resnet18(model: nn.Module, source: StateSource) -> list[str
     """Load a file in torchvision's ResNet-18 key layout (conv1, bn1, layer1..4; fc dropped) into the
     backbone of `slicewise2d`; returns the loaded keys (prefixed `backbone.`)."""
     if not isinstance(model, SliceWise2D):
-        raise ValueError(f"ResNet-18 weights load into slicewise2d, not {type(model).__name__}")
+        raise UserError(f"ResNet-18 weights load into slicewise2d, not {type(model).__name__}")
     state = {f"backbone.{k}": v for k, v in read_state_dict(source).items() if not k.startswith("fc.")}
     keys = [k for k in model.state_dict() if k.startswith("backbone.")]
     return _load_matching(model, state, keys=keys, origin="torchvision ResNet-18 weights",

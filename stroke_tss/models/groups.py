@@ -11,6 +11,8 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from stroke_tss.errors import UserError
+
 GROUP_NAMES = ("stem", "block1", "block2", "block3", "block4", "attention", "slice_weights", "head")
 BACKBONE_GROUPS = GROUP_NAMES[:5]
 # Frozen norm layers keep their running statistics: momentum 0 leaves them unchanged in train mode too,
@@ -51,7 +53,7 @@ def check_groups(groups: Iterable[str]) -> list[str]:
     groups = list(groups)
     unknown = [g for g in groups if g not in GROUP_NAMES]
     if unknown:
-        raise ValueError(f"unknown parameter group(s) {unknown}; valid groups: {', '.join(GROUP_NAMES)}")
+        raise UserError(f"unknown parameter group(s) {unknown}; valid groups: {', '.join(GROUP_NAMES)}")
     return groups
 
 

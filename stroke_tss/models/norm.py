@@ -6,6 +6,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from stroke_tss.errors import UserError
+
 NORMS = ("batch", "group", "instance")
 _BATCH = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _INSTANCE = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
@@ -13,7 +15,7 @@ _INSTANCE = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
 
 def check_norm(norm: str) -> str:
     if norm not in NORMS:
-        raise ValueError(f"norm {norm!r} is not one of {', '.join(NORMS)}; pick one of them")
+        raise UserError(f"norm {norm!r} is not one of {', '.join(NORMS)}; pick one of them")
     return norm
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from stroke_tss.errors import UserError
+
 POOLS = ("avg", "max")
 _LAYERS = {("avg", 2): nn.AdaptiveAvgPool2d, ("avg", 3): nn.AdaptiveAvgPool3d,
            ("max", 2): nn.AdaptiveMaxPool2d, ("max", 3): nn.AdaptiveMaxPool3d}
@@ -11,7 +13,7 @@ _LAYERS = {("avg", 2): nn.AdaptiveAvgPool2d, ("avg", 3): nn.AdaptiveAvgPool3d,
 
 def check_pool(pool: str) -> str:
     if pool not in POOLS:
-        raise ValueError(f"pool {pool!r} is not one of {', '.join(POOLS)}; pick one of them")
+        raise UserError(f"pool {pool!r} is not one of {', '.join(POOLS)}; pick one of them")
     return pool
 
 

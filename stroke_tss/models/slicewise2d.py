@@ -23,6 +23,7 @@ import torch
 from monai.networks.nets.resnet import ResNet
 from torch import nn
 
+from stroke_tss.errors import UserError
 from stroke_tss.models.attention import GridAttentionGate
 from stroke_tss.models.norm import check_norm, replace_norm
 from stroke_tss.models.pool import check_pool, make_pool
@@ -59,9 +60,9 @@ class SliceWise2D(nn.Module):
         check_norm(norm)
         check_pool(pool)
         if gate_stage not in (2, 3):
-            raise ValueError(f"gate_stage must be 2 or 3 (gated by stage 4), got {gate_stage}")
+            raise UserError(f"gate_stage must be 2 or 3 (gated by stage 4), got {gate_stage}")
         if num_slices < 1 or adjacent_slices < 0:
-            raise ValueError(f"need num_slices >= 1 and adjacent_slices >= 0, got {num_slices}, {adjacent_slices}")
+            raise UserError(f"need num_slices >= 1 and adjacent_slices >= 0, got {num_slices}, {adjacent_slices}")
         self.init_args = {"num_slices": num_slices, "in_channels": in_channels, "base_channels": base_channels,
                           "norm": norm, "gate_stage": gate_stage, "adjacent_slices": adjacent_slices,
                           "dropout": dropout, "pool": pool}
@@ -93,12 +94,12 @@ class SliceWise2D(nn.Module):
         """Logits (batch,) plus {"attention": (B, S, h, w) gate map, "slice_logits": (B, S)}."""
         batch, _, num_slices, height, width = x.shape
         if num_slices != self.slice_weights.numel():
-            raise ValueError(f"input has {num_slices} slices but the model was built with "
+            raise UserError(f"input has {num_slices} slices but the model was built with "
                              f"num_slices={self.slice_weights.numel()}; rebuild with the store's slice count")
         # the gate's 2x2 stride-2 theta needs a 2x2 map at the gated stage, which is the input / 2**(stage+1)
         smallest = 2 ** (self.init_args["gate_stage"] + 1) + 1
         if min(height, width) < smallest:
-            raise ValueError(f"slices must be at least {smallest}x{smallest} for an attention gate on stage "
+            raise UserError(f"slices must be at least {smallest}x{smallest} for an attention gate on stage "
                              f"{self.init_args['gate_stage']}, got {height}x{width}")
         slices = neighbour_stack(x, self.init_args["adjacent_slices"]).flatten(0, 1)
         features = self.stages(slices)

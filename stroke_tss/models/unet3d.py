@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from stroke_tss.errors import UserError
 from stroke_tss.models.norm import check_norm, make_norm
 
 
@@ -61,7 +62,7 @@ class Encoder3D(nn.Module):
         super().__init__()
         check_norm(norm)
         if base_channels < 2 or base_channels % 2:
-            raise ValueError(f"base_channels must be an even number >= 2, got {base_channels}")
+            raise UserError(f"base_channels must be an even number >= 2, got {base_channels}")
         b = base_channels
         self.down_tr64 = DownTransition(in_channels, 0, base=b, norm=norm)
         self.down_tr128 = DownTransition(b, 1, base=b, norm=norm)
@@ -70,7 +71,7 @@ class Encoder3D(nn.Module):
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         if any(side % 8 for side in x.shape[2:]):
-            raise ValueError(f"3D U-Net input sides must be divisible by 8 (3 poolings); got {tuple(x.shape[2:])}")
+            raise UserError(f"3D U-Net input sides must be divisible by 8 (3 poolings); got {tuple(x.shape[2:])}")
         features = []
         for level in (self.down_tr64, self.down_tr128, self.down_tr256, self.down_tr512):
             x, before_pool = level(x)
