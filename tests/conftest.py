@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.fixtures.slurm",
     "tests.fixtures.data",
+    "tests.fixtures.torch_threads",
 ]

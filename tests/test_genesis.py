@@ -22,14 +22,7 @@ from stroke_tss.genesis import (
 )
 from stroke_tss.models import build_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small convolutions on a shared 2-core box run ~10x faster on one thread than fighting over two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SHAPE = (1, 16, 40, 40)  # (C, z, y, x): windows up to 4x4x1, boxes of a few voxels

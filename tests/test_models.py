@@ -26,13 +26,7 @@ INPUTS = {"slicewise2d": (3, 3, 40, 32), "unet3d": (1, 16, 24, 32), "encoder3d":
           "attnvgg3d": (1, 16, 24, 20)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small convolutions on a shared 2-core box run ~10x faster on one thread than fighting over two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
