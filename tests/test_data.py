@@ -7,7 +7,6 @@ the lesion hemisphere, so detection is learnable in a few steps.
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -48,38 +47,6 @@ def make_store(path, *, num_subjects: int = 12, seed: int = 0):
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     return make_store(tmp_path_factory.mktemp("store") / "tiny.zarr")
-
-
-TABLE = pd.DataFrame({
-    "subject_id": ["a", "b", "c", "d", "e"],
-    "lesion_left": [True, False, None, False, True],
-    "lesion_right": [False, False, None, True, True],
-    "stroke_side": ["left", "none", "right", "right", "bilateral"],
-    "onset_to_mri_min": [100, 50, 250, None, 200],
-    "mrs_90d": [1, None, 4, 3, 0],
-})
-
-
-def test_task_labels_follow_the_subjects_table():
-    lesion, skipped = task_samples(TABLE, "lesion_present")
-    assert skipped == 0 and len(lesion) == 10
-    # c has no mask flags: stroke_side decides
-    assert {(s.subject_id, s.hemisphere): s.label for s in lesion}[("c", "right")] == 1
-    tss, skipped = task_samples(TABLE, "tss_lt_3h")
-    # b has no lesion half, d no known onset: both skipped; e contributes both halves
-    assert skipped == 2
-    assert [(s.subject_id, s.hemisphere, s.label) for s in tss] == [
-        ("a", "left", 1), ("c", "right", 0), ("e", "left", 0), ("e", "right", 0)]
-    assert [s.label for s in task_samples(TABLE, "tss_lt_4h5")[0]] == [1, 1, 1, 1]
-    mrs, skipped = task_samples(TABLE, "mrs_gt_2")
-    assert skipped == 1 and [(s.hemisphere, s.label) for s in mrs] == [("both", 0), ("both", 1), ("both", 1), ("both", 0)]
-
-
-def test_task_errors_name_the_problem():
-    with pytest.raises(ValueError, match="unknown task 'tss_lt_6h'"):
-        task_samples(TABLE, "tss_lt_6h")
-    with pytest.raises(ValueError, match=r"\['zz'\] are in the splits"):
-        task_samples(TABLE, "lesion_present", ["a", "zz"])
 
 
 def test_dataset_reads_flipped_hemispheres_from_a_real_store(store):

@@ -187,3 +187,47 @@ def test_3d_schedule_after_genesis_pretraining(store, tmp_path):
     lesion = torch.load(run / "3d/fold-0/lesion/weights.pt", weights_only=True)
     assert lesion["model"] == "encoder3d"
     assert (run / "3d/fold-0/attention/metrics.json").exists()
+
+
+@pytest.mark.integration
+def test_genesis_pretraining_preempted_mid_epoch_resumes_at_its_step(store, tmp_path, monkeypatch, capsys):
+    """Genesis runs through the phases' loop: the preemption flag makes it save at the next step and exit
+    with hpc's code, and the next run resumes at that step and ends with the uninterrupted run's weights."""
+    from hpc import preempt
+
+    def pretrain(run: Path) -> int:
+        return _cli("pretrain", "configs/tss3d.yaml", f"data.store={store}", f"run.dir={run}", *SMALL,
+                    "genesis.base_channels=4", "genesis.epochs=2", "genesis.crop=[16,16,8]",
+                    "genesis.crops_per_subject=2", "genesis.batch_size=4")
+
+    assert pretrain(tmp_path / "straight") == 0
+    flag = tmp_path / "preempt-now"
+    flag.touch()
+    monkeypatch.setenv("STROKE_TSS_PREEMPT_FILE", str(flag))
+    assert pretrain(tmp_path / "preempted") == preempt.EXIT_CODE
+    assert "preempted at epoch 0, step 1; checkpoint saved; run the same command again" in capsys.readouterr().err
+    assert not (tmp_path / "preempted/genesis/weights.pt").exists()
+    flag.unlink()
+    assert pretrain(tmp_path / "preempted") == 0
+    assert "resumed" in (err := capsys.readouterr().err) and "at epoch 0, step 1" in err, err
+    a = torch.load(tmp_path / "straight/genesis/weights.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "preempted/genesis/weights.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _epochs(tmp_path / "straight/genesis/log.jsonl") == _epochs(tmp_path / "preempted/genesis/log.jsonl")
+
+
+@pytest.mark.integration
+def test_a_genesis_checkpoint_of_the_old_loop_resumes_at_its_epoch(store, tmp_path, capsys):
+    """Run folders from before Genesis joined the phases' loop saved only {"epoch": next} at epoch ends."""
+    run = tmp_path / "run"
+    args = ["pretrain", "configs/tss3d.yaml", f"data.store={store}", f"run.dir={run}", *SMALL,
+            "genesis.base_channels=4", "genesis.crop=[16,16,8]", "genesis.batch_size=4"]
+    assert _cli(*args, "genesis.epochs=1") == 0
+    (run / "genesis/weights.pt").unlink()
+    [state_file] = (run / "genesis/ckpt").glob("epoch-0001/state.pt")
+    state = torch.load(state_file, weights_only=True)
+    torch.save({**state, "client": {"epoch": 1}}, state_file)
+    capsys.readouterr()
+    assert _cli(*args, "genesis.epochs=2") == 0
+    assert "at epoch 1, step 0" in capsys.readouterr().err
+    assert [r["epoch"] for r in map(json.loads, (run / "genesis/log.jsonl").read_text().splitlines())] == [0, 1]
