@@ -10,7 +10,8 @@ lesions with its mirror image, which the store holds on the same grid. Voxels un
 label becomes the other half's. A subject's anatomy then shows up both with and without a lesion, so the
 network cannot score anatomy; without it, the paper's networks from random initialisation memorised the
 training hemispheres of a phantom cohort of 80 subjects and stayed near chance on held-out ones (the paper
-starts its 2D network from ImageNet weights, which we cannot download). Within one subject; CarveMix
+trains its 2D network on lesion detection from scratch too; ImageNet weights are one of the baselines it
+compares with). Within one subject; CarveMix
 (Zhang et al., MICCAI 2021) mixes lesions between subjects the same way.
 
 Lesion transplant (``augment.lesion_transplant``, onset tasks only): with that probability the sample's
