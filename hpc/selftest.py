@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-s", type=float, default=120.0, help="process-group timeout")
     args = parser.parse_args(argv)
 
+    # after the arguments: `--help` answers without importing torch
     import torch
     import torch.distributed as dist
 

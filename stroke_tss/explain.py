@@ -19,6 +19,8 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
+from monai.visualize import GradCAM
 from torch import nn
 
 from stroke_tss.errors import UserError
@@ -96,8 +98,6 @@ def gradcam(model: nn.Module, x: torch.Tensor, *, layer: str | None = None) -> n
     if probe["tuple"]:
         cam = _own_gradcam(model, module, x)
     else:
-        from monai.visualize import GradCAM
-
         cam = GradCAM(_Column(model), target_layers=f"model.{name}", postprocessing=lambda t: t)(x, class_idx=0)
         return cam[0, 0].detach().numpy().astype(np.float32)
     return _resize(cam, (z, y, w))[0].astype(np.float32)
@@ -176,18 +176,14 @@ def save_nifti(volume: np.ndarray, affine: np.ndarray, path: str | Path) -> Path
 def save_montage(background: np.ndarray, heat: np.ndarray, lesion: np.ndarray | None, path: str | Path, *,
                  num_slices: int = 12, title: str = "") -> Path:
     """Axial slices (through the lesion when there is one) with the map over the MRI and the lesion contour."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows_with_lesion = np.flatnonzero(lesion.reshape(lesion.shape[0], -1).any(1)) if lesion is not None else []
     span = rows_with_lesion if len(rows_with_lesion) else np.flatnonzero(background.reshape(background.shape[0], -1).any(1))
     span = span if len(span) else np.arange(background.shape[0])
     picks = np.unique(np.linspace(span[0], span[-1], min(num_slices, len(span))).round().astype(int))
     cols = min(6, len(picks))
     nrows = int(np.ceil(len(picks) / cols))
-    fig, axes = plt.subplots(nrows, cols, figsize=(2.2 * cols, 2.4 * nrows), squeeze=False)
+    fig = Figure(figsize=(2.2 * cols, 2.4 * nrows))  # no pyplot: no backend, no global figure registry
+    axes = fig.subplots(nrows, cols, squeeze=False)
     vmax = float(np.percentile(heat, 99.5)) or 1.0
     for ax in axes.ravel():
         ax.axis("off")
@@ -201,7 +197,6 @@ def save_montage(background: np.ndarray, heat: np.ndarray, lesion: np.ndarray | 
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return Path(path)
 
 

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from pytorch_optimizer import AdaBound
 
 from stroke_tss.errors import UserError
 
@@ -24,8 +25,6 @@ def build_optimizer(params: Iterable[Any], *, name: str, lr: float, weight_decay
     if not params:
         raise UserError("the optimizer got no trainable parameters: check the phase's freeze/train_only groups")
     if name == "adabound":
-        from pytorch_optimizer import AdaBound
-
         return AdaBound(params, lr=lr, final_lr=final_lr, betas=betas, gamma=gamma, eps=eps,
                         weight_decay=weight_decay, weight_decouple=False, foreach=False)
     if name == "adam":

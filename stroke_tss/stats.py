@@ -9,6 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from stroke_tss.metrics import binary_metrics, bootstrap_ci
 
@@ -133,10 +137,6 @@ def lesion_flair_ratio(flair: np.ndarray, lesion: np.ndarray, brain: np.ndarray,
 
 def logistic_baseline(features: pd.DataFrame, labels, *, num_folds: int = 5, seed: int = 0) -> np.ndarray:
     """Out-of-fold probabilities of a standardised logistic regression on `features` (stratified k-fold)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     y = np.asarray(labels).astype(int)
     x = np.asarray(features, dtype=np.float64).reshape(len(y), -1)

@@ -20,6 +20,7 @@ from typing import Union, get_args, get_origin
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined, to_jsonable_python
 
+from stroke_tss.config import Config, config_yaml, load_config
 from stroke_tss.config.loader import field_type
 from stroke_tss.errors import UserError
 
@@ -32,8 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from stroke_tss.config import Config, config_yaml, load_config
-
     if args.schema:
         if args.config is not None:
             raise UserError("--schema lists the keys of every config: give it no CONFIG or overrides")
