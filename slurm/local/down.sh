@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Stop a cluster started by up.sh: cancel its jobs (else their slurmstepd outlive slurmd), stop exactly the
-# daemons it started (by pid), remove its private directory.   Usage: bash slurm/local/down.sh ENVFILE
+# daemons it started (by pid), remove what it made for several nodes (their namespaces and every process in
+# them, veths, bridge) and its private directory.   Usage: bash slurm/local/down.sh ENVFILE
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 . "$HERE/lib.sh"
@@ -31,5 +32,9 @@ for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
         kill -KILL "$pid" 2>/dev/null || true
     fi
 done
+if [ -n "${STROKE_TSS_SLURM_NET_INDEX:-}" ]; then
+    # A node restarted by node.sh has a pid up.sh never knew: its namespace holds it, and net_down kills it.
+    net_down "$STROKE_TSS_SLURM_NET_INDEX" $STROKE_TSS_SLURM_NETNS
+fi
 rm -rf "$STROKE_TSS_SLURM_DIR"
 echo "down.sh: stopped ${STROKE_TSS_SLURM_PIDS} and removed $STROKE_TSS_SLURM_DIR" >&2

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Start a private one-node Slurm (munged, slurmctld, slurmd) on localhost, without systemd, for tests.
-# Prints on stdout the path of an env file (SLURM_CONF, the sacct shim's bin dir, pids, the private dir);
-# everything else goes to stderr. Stop it with: bash slurm/local/down.sh ENVFILE
-# Idempotent: installs Debian packages only when missing, and when $STROKE_TSS_SLURM_ENV names a cluster
-# that is still up, prints that env file again instead of starting a second one.
+# Start a private Slurm (munged, slurmctld, one slurmd per node) without systemd, for tests.
+#   bash slurm/local/up.sh [--nodes N]
+# N = 1 (default): one node, `localhost`, on the loopback. N >= 2: nodes node1..nodeN, each slurmd in its own
+# network, UTS and mount namespace, joined to slurmctld by a veth pair on a bridge of a private subnet
+# (10.213.77.0/24 on sttss-br0 for the first such cluster; see lib.sh): multi-node jobs for real on one machine.
+# Prints on stdout the path of an env file (SLURM_CONF, the sacct shim's bin dir, pids, the private dir, the
+# nodes); everything else goes to stderr. Stop it with: bash slurm/local/down.sh ENVFILE
+# Idempotent: installs Debian packages only when missing, and when $STROKE_TSS_SLURM_ENV names a cluster of
+# N nodes that is still up, prints that env file again instead of starting a second one.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 . "$HERE/lib.sh"
@@ -11,9 +15,22 @@ exec 3>&1 1>&2  # stdout is only for the env file path
 
 fail() { echo "up.sh: $*" >&2; exit 1; }
 
-cluster_up() {  # cluster_up ENVFILE: all its daemons alive and the node answers
+NODES=1
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --nodes) NODES=${2:-}; shift ;;
+        --nodes=*) NODES=${1#*=} ;;
+        *) fail "unknown argument $1 (usage: up.sh [--nodes N])" ;;
+    esac
+    shift
+done
+case "$NODES" in ''|*[!0-9]*|0) fail "--nodes takes a whole number >= 1, got '$NODES'" ;; esac
+[ "$NODES" -le 9 ] || fail "--nodes $NODES: at most 9 nodes (this machine has $(nproc) cores to share)"
+
+cluster_up() {  # cluster_up ENVFILE: all its daemons alive, the node count right, and every node answers
     ( read_env "$1" 2>/dev/null || exit 1
       for pid in $STROKE_TSS_SLURM_PIDS; do alive "$pid" || exit 1; done
+      [ "$(echo ${STROKE_TSS_SLURM_NODES:-localhost} | wc -w)" = "$NODES" ] || exit 1
       sinfo -h -o %t >/dev/null 2>&1 )
 }
 
@@ -43,6 +60,9 @@ if [ $missing = 1 ]; then
     [ $rc = 0 ] || fail "apt-get install slurmctld slurmd slurm-client munge failed (exit $rc)"
 fi
 [ "$(id -u)" = 0 ] || fail "not root: slurmd must run as root to start jobs (run the tests as root)"
+if [ "$NODES" -gt 1 ]; then
+    for b in ip nsenter unshare mount; do command -v "$b" >/dev/null || fail "--nodes $NODES needs '$b' (iproute2, util-linux)"; done
+fi
 
 free_port() {  # a TCP port nobody listens on, so several clusters can share the host
     local p hex
@@ -60,27 +80,70 @@ chmod 711 "$DIR"
 mkdir -p "$DIR/state" "$DIR/spool" "$DIR/bin"
 ln -s "$HERE/sacct" "$DIR/bin/sacct"
 PIDS=""
-abort() {  # stop what we started, show the daemons' last words, and end with the reason (last line)
+K=""            # index of this cluster's bridge and subnet (multi-node only)
+NETNS=""        # its network namespaces, node order
+abort() {  # stop what we started, undo the network, show the daemons' last words, end with the reason
     trap - ERR
     for pid in $PIDS; do kill "$pid" 2>/dev/null || true; done
-    for f in munged.log slurmctld.log slurmd.log munged.out slurmctld.out slurmd.out; do
-        [ -s "$DIR/$f" ] && { echo "--- $DIR/$f"; tail -n 5 "$DIR/$f"; }
+    [ -n "$K" ] && net_down "$K" $NETNS
+    for f in "$DIR"/*.log "$DIR"/*.out; do
+        [ -s "$f" ] && { echo "--- $f"; tail -n 5 "$f"; }
     done
     rm -rf "$DIR"
     fail "$1"
 }
 trap 'abort "unexpected failure at up.sh line $LINENO"' ERR
 
+if [ "$NODES" = 1 ]; then
+    names=(localhost)
+    addrs=(127.0.0.1)
+    ctld_host=localhost
+else
+    # Claim the first free bridge name: `ip link add` fails when it exists, so two clusters never share one.
+    for k in 0 1 2 3 4 5 6 7 8 9; do
+        ip -4 addr show | grep -q "inet $(net_prefix $k)\." && continue   # subnet taken on this host
+        if ip link add "sttss-br$k" type bridge 2>/dev/null; then K=$k; break; fi
+    done
+    [ -n "$K" ] || abort "no free bridge sttss-br0..9 / subnet 10.213.77-86.0/24 for a multi-node cluster"
+    net=$(net_prefix "$K")
+    ctld_host="localhost($net.1)"
+    ip addr add "$net.1/24" dev "sttss-br$K"
+    ip link set "sttss-br$K" up
+    names=(); addrs=()
+    for i in $(seq "$NODES"); do names+=("node$i"); addrs+=("$net.$((10 + i))"); done
+    # The nodes' /etc/hosts (start_node binds it there): node names resolve, as on a cluster.
+    { printf '127.0.0.1 localhost\n%s controller\n' "$net.1"
+      for i in "${!names[@]}"; do echo "${addrs[i]} ${names[i]}"; done; } > "$DIR/hosts"
+    echo "nameserver 127.0.0.1" > "$DIR/resolv.conf"
+    for i in "${!names[@]}"; do
+        ns="sttss$K-${names[i]}"
+        NETNS="$NETNS $ns"
+        ip netns add "$ns"
+        ip link add "sttss$K-v$((i + 1))" type veth peer name eth0 netns "$ns"
+        ip link set "sttss$K-v$((i + 1))" master "sttss-br$K" up
+        ip -n "$ns" addr add "${addrs[i]}/24" dev eth0
+        ip -n "$ns" link set eth0 up
+        ip -n "$ns" link set lo up
+    done
+    NETNS=${NETNS# }
+fi
+
 ctld_port=$(free_port)
 slurmd_port=$(free_port)
 [ "$slurmd_port" != "$ctld_port" ] || slurmd_port=$((ctld_port + 1))
-mem_mb=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
-cpus=${STROKE_TSS_SLURM_CPUS:-8}
+mem_mb=$(awk -v n="$NODES" '/MemTotal/ {print int($2 / 1024 * 0.9 / n)}' /proc/meminfo)
+# Honest CPU counts: the nodes share this machine's cores, so N nodes get nproc/N each (at least 1).
+cpus=${STROKE_TSS_SLURM_CPUS:-$(( $(nproc) / NODES > 0 ? $(nproc) / NODES : 1 ))}
 # Job ids start at a random thousand: hpc.env derives MASTER_PORT from the job id, and two clusters on one
 # host (two test runs at once) would otherwise both run job 1 on the same port.
 first_job_id=$((1000 * (1 + RANDOM % 19)))
-sed -e "s|@FIRST_JOB_ID@|$first_job_id|" -e "s|@DIR@|$DIR|g" -e "s|@CTLD_PORT@|$ctld_port|" -e "s|@SLURMD_PORT@|$slurmd_port|" \
-    -e "s|@CPUS@|$cpus|" -e "s|@MEM_MB@|$mem_mb|" "$HERE/slurm.conf.in" > "$DIR/slurm.conf"
+sed -e "s|@FIRST_JOB_ID@|$first_job_id|" -e "s|@DIR@|$DIR|g" -e "s|@CTLD_PORT@|$ctld_port|" \
+    -e "s|@SLURMD_PORT@|$slurmd_port|" -e "s|@CTLD_HOST@|$ctld_host|" "$HERE/slurm.conf.in" > "$DIR/slurm.conf"
+for i in "${!names[@]}"; do
+    echo "NodeName=${names[i]} NodeAddr=${addrs[i]} CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN" >> "$DIR/slurm.conf"
+done
+node_list=$(IFS=,; echo "${names[*]}")
+echo "PartitionName=debug Nodes=$node_list Default=YES MaxTime=INFINITE State=UP" >> "$DIR/slurm.conf"
 export SLURM_CONF=$DIR/slurm.conf
 
 dd if=/dev/urandom of="$DIR/munge.key" bs=1024 count=1 status=none
@@ -97,16 +160,24 @@ start munged munged -F --socket="$DIR/munge.socket" --key-file="$DIR/munge.key" 
 for _ in $(seq 100); do [ -S "$DIR/munge.socket" ] && break; sleep 0.1; done
 [ -S "$DIR/munge.socket" ] || abort "munged did not create its socket within 10 s"
 start slurmctld slurmctld -D -f "$DIR/slurm.conf"
-start slurmd slurmd -D -N localhost -f "$DIR/slurm.conf"
+if [ "$NODES" = 1 ]; then
+    start slurmd slurmd -D -N localhost -f "$DIR/slurm.conf"
+else
+    set -- $NETNS
+    for name in "${names[@]}"; do
+        PIDS="$PIDS $(start_node "$DIR" "$name" "$1")"
+        shift
+    done
+fi
 
 state=""
 for _ in $(seq 300); do
-    state=$(sinfo -h -n localhost -o %t 2>/dev/null || true)
-    [ "$state" = idle ] && break
+    state=$(sinfo -h -o %t 2>/dev/null | sort -u | xargs || true)
+    [ "$state" = idle ] && [ "$(sinfo -h -N -t idle -o %N 2>/dev/null | wc -l)" = "$NODES" ] && break
     for pid in $PIDS; do alive "$pid" || abort "a daemon (pid $pid) exited during start-up"; done
     sleep 0.1
 done
-[ "$state" = idle ] || abort "node not idle after 30 s (sinfo state '$state')"
+[ "$state" = idle ] || abort "nodes not idle after 30 s (sinfo states '$state')"
 trap - ERR
 
 cat > "$DIR/env" <<ENV
@@ -114,6 +185,10 @@ SLURM_CONF=$DIR/slurm.conf
 STROKE_TSS_SLURM_DIR=$DIR
 STROKE_TSS_SLURM_BIN=$DIR/bin
 STROKE_TSS_SLURM_PIDS="${PIDS# }"
+STROKE_TSS_SLURM_NODES="${names[*]}"
+STROKE_TSS_SLURM_NETNS="$NETNS"
+STROKE_TSS_SLURM_NET_INDEX=$K
+STROKE_TSS_SLURM_NODE_TMP=$([ "$NODES" = 1 ] && echo "" || echo "$DIR/node-tmp")
 ENV
-echo "up.sh: Slurm up in $DIR (ports $ctld_port/$slurmd_port, pids${PIDS})"
+echo "up.sh: Slurm up in $DIR: ${NODES} node(s) ${names[*]}, $cpus CPUs each (ports $ctld_port/$slurmd_port, pids${PIDS})"
 echo "$DIR/env" >&3
