@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hpc.checkpoint import safe_load
+
 log = logging.getLogger(__name__)
 
 ENGINE_KINDS = ("local", "ddp", "deepspeed")
@@ -114,13 +116,15 @@ class Engine:
 
     def load_states(self, path: Path) -> dict:
         """Restore model and optimizer from the tag folder ``path``; returns the ``state`` saved with them."""
-        state = torch.load(path / "state.pt", map_location=self.device, weights_only=True)
+        state = safe_load(path / "state.pt", map_location=self.device, fix=_TAG_FIX.format(path=path))
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         return state["client"]
 
 
 LocalEngine = Engine
+
+_TAG_FIX = "delete {path} to resume from the checkpoint before it"
 
 
 class DDPEngine(Engine):
@@ -158,6 +162,11 @@ class DeepSpeedEngine(Engine):
         config.setdefault("train_micro_batch_size_per_gpu", 1)
         config.setdefault("gradient_accumulation_steps", 1)
         config.pop("train_batch_size", None)
+        if config.get("checkpoint", {}).get("load_universal"):
+            # DeepSpeed reads universal checkpoints with its own torch.load(weights_only=False), past the
+            # safe loader below: a crafted file would run its code.
+            raise ValueError("DeepSpeed config: checkpoint.load_universal is not supported (it unpickles "
+                             "checkpoint files unchecked); remove it and resume from this run's checkpoints")
         if device is None or device.type != "cuda":
             # bf16/fp16 and CUDA-only optimizers make no sense on the CPU accelerator.
             config.pop("bf16", None)
@@ -172,6 +181,7 @@ class DeepSpeedEngine(Engine):
         self.model, self.ds_optimizer, _, _ = deepspeed.initialize(
             model=self.module, optimizer=optimizer, config=config, dist_init_required=not _dist_on())
         self.module = self.model.module
+        self.model.checkpoint_engine = _SafeLoads(self.model.checkpoint_engine)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.model.backward(loss)
@@ -195,6 +205,37 @@ class DeepSpeedEngine(Engine):
         if client is None:
             raise ValueError(f"DeepSpeed could not load checkpoint {path}")
         return client["client"]
+
+
+def _deepspeed_pickled_types() -> list[type]:
+    """The classes DeepSpeed pickles into ZeRO 0-2 checkpoints besides tensors and plain containers: the
+    loss scaler, the ZeRO stage and the parameter slice addresses of the optimizer states
+    (stage_1_and_2.state_dict, bf16_optimizer.state_dict). All are plain data: rebuilding them runs no code
+    beyond setting attributes."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+class _SafeLoads:
+    """DeepSpeed's checkpoint engine with every read through `hpc.checkpoint.safe_load`.
+
+    DeepSpeed reads model states, optimizer states and ZeRO shards through its checkpoint engine, whose torch
+    engine calls ``torch.load(weights_only=False)``: a crafted file would run whatever it pickles. Writes and
+    everything else go to the engine DeepSpeed built."""
+
+    def __init__(self, inner: Any):
+        self._inner = inner
+        self._allow = _deepspeed_pickled_types()
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        tag = Path(path).parent
+        return safe_load(path, map_location=map_location, allow=self._allow, fix=_TAG_FIX.format(path=tag))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
 
 
 def build_engine(kind: str, model: nn.Module, optimizer: torch.optim.Optimizer, *,

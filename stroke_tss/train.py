@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from hpc.checkpoint import load_file, save_file
 from hpc.engine import Engine
 from hpc.sampler import ShardedSampler
 from stroke_tss.config.training import EngineSection, OptimizerSection, StoppingSection, TrainSection
@@ -77,7 +78,7 @@ class Validation:
         frame = predict(self.eng, self.val, batch_size=self.train.eval_batch_size, num_workers=self.train.num_workers)
         summary = _val_summary(frame)
         if self.stopper.update(summary[self.monitor], epoch) and self.eng.is_main:
-            torch.save(self.eng.state_dict(), self.best_path)
+            save_file(self.eng.state_dict(), self.best_path)
         return {**summary, "best_epoch": self.stopper.best_epoch}, self.stopper.should_stop(epoch)
 
     def state_dict(self) -> dict:
@@ -123,7 +124,8 @@ def _finish(eng: Engine, datasets: dict[str, StoreDataset], out_dir: Path, *, ta
             restore_best: bool) -> dict:
     best = out_dir / "ckpt" / "best-weights.pt"
     if restore_best and best.exists():
-        eng.module.load_state_dict(torch.load(best, map_location=eng.device, weights_only=True))
+        eng.module.load_state_dict(load_file(best, map_location=eng.device,
+                                             fix=f"delete {out_dir} to train this phase again"))
     frames = []
     for split in ("val", "test"):
         if split in datasets and len(datasets[split]):

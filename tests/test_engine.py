@@ -106,10 +106,10 @@ def test_run_folders_written_before_hpc_checkpoint_still_resume(tmp_path):
     for a, b in zip(old.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
 
-    # and what Checkpoints writes is that same layout
+    # and what Checkpoints writes is that same layout, with the digests of its files added
     Checkpoints(tmp_path).save(resumed, tag="epoch-0003", state=loop_state)
     new = tmp_path / "epoch-0003"
-    assert sorted(p.name for p in new.iterdir()) == ["done", "rank-00000.pt", "state.pt"]
+    assert sorted(p.name for p in new.iterdir()) == ["digests.json", "done", "rank-00000.pt", "state.pt"]
     assert json.loads((new / "done").read_text()) == {"world_size": 1, "engine": "local"}
     assert (tmp_path / "latest").read_text() == "epoch-0003"
     assert set(torch.load(new / "state.pt", weights_only=True)) == {"model", "optimizer", "client"}
