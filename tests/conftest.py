@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.slurm",
     "tests.fixtures.data",
     "tests.fixtures.torch_threads",
+    "tests.fixtures.runs",
 ]

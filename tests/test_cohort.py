@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 from pathlib import Path
 
 import nibabel as nib
@@ -16,10 +15,6 @@ from data_prep.cohort import load_channel, read_manifest, scan_tree, side_from_l
 from data_prep.errors import InputError
 from data_prep.nifti import load_nifti
 from stroke_tss.cli import main as cli_main
-
-SHARED = Path(os.environ.get("STROKE_TSS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-ISLES = SHARED / "isles22"
-needs_isles = pytest.mark.skipif(not ISLES.is_dir(), reason=f"ISLES'22 sample not at {ISLES}")
 
 
 def _nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
@@ -202,10 +197,9 @@ def test_scan_tree_matches_case_insensitively_and_merges_clinical(tmp_path: Path
     assert m.errors == [] and m.rows[0].path("b0").name == "sub-1_ses-1_T2w.nii.gz"
 
 
-@needs_isles
-def test_isles_scan_derives_b0_and_left_side(tmp_path: Path, capsys) -> None:
+def test_isles_scan_derives_b0_and_left_side(isles: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "isles.csv"
-    assert cli_main(["scan", str(ISLES), "-o", str(out)]) == 0
+    assert cli_main(["scan", str(isles), "-o", str(out)]) == 0
     assert "b0 derived as dwi*exp(b*adc) (b=800)" in capsys.readouterr().out
     m = read_manifest(out)
     assert m.errors == [] and m.subject_ids == ["sub-strokecase0009"]

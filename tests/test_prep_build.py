@@ -16,10 +16,9 @@ import pytest
 
 from data_prep.store import open_store
 from stroke_tss.cli import main as cli_main
-from tests.fixtures.data import TINY_PREP, shared_data
+from tests.fixtures.data import TINY_PREP
 
 pytestmark = pytest.mark.integration
-ISLES = shared_data() / "isles22"
 
 
 def _config_file(folder: Path) -> Path:
@@ -86,11 +85,10 @@ def test_prep_on_slurm_workers_gives_the_same_store(slurm_cluster, tiny_cohort: 
     assert_same_store(store, tiny_store, list(table["subject_id"]))
 
 
-@pytest.mark.skipif(not ISLES.is_dir(), reason=f"ISLES'22 sample not at {ISLES}")
 @pytest.mark.timeout(900)
-def test_isles_case_scan_prep_lesion_in_left_hemisphere(tmp_path: Path) -> None:
+def test_isles_case_scan_prep_lesion_in_left_hemisphere(isles: Path, tmp_path: Path) -> None:
     manifest, store = tmp_path / "manifest.csv", tmp_path / "store.zarr"
-    assert cli_main(["scan", str(ISLES), "-o", str(manifest)]) == 0
+    assert cli_main(["scan", str(isles), "-o", str(manifest)]) == 0
     assert cli_main(["prep", str(manifest), str(store), "--workers", "1", "--no-progress"]) == 0
     s = open_store(store)
     (sid,) = s.subject_ids

@@ -65,8 +65,8 @@ def write_report(runs: list[str | Path], *, out_dir: str | Path | None = None, s
     """Write report.md, report.csv and PNGs into `out_dir` (default: the first run); returns report.md."""
     runs = [Path(r) for r in runs]
     out = Path(out_dir) if out_dir is not None else runs[0]
+    pred = collect_predictions(runs)  # before mkdir: a mistyped run folder is refused, not created
     out.mkdir(parents=True, exist_ok=True)
-    pred = collect_predictions(runs)
     order = schedule_order(runs)
     tables = [in_schedule_order(table2(pred, level=level, num_resamples=num_resamples, seed=seed), order)
               for level in LEVELS]
