@@ -360,3 +360,9 @@ def _read_marker(path: Path) -> tuple[dict, str | None]:
     if not isinstance(meta, dict):
         return {}, "has a 'done' marker that is not the JSON a save writes"
     return meta, None
+
+
+def saved_world_size(folder: str | Path, tag: str) -> int | None:
+    """How many ranks saved tag ``tag`` of the checkpoint folder ``folder`` (None when its marker does not say)."""
+    size = _read_marker(Path(folder) / tag)[0].get("world_size")
+    return size if isinstance(size, int) else None
