@@ -1,7 +1,10 @@
 """The `stroke-tss` entry point: verbs, exit codes, one-line errors."""
 
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 
 def run_cli(*args):
@@ -15,21 +18,44 @@ def test_unknown_verb_exits_2_with_one_line():
 
 
 def test_env_reports_versions_as_json():
+    """What `env --json` says is what this interpreter has installed and can do."""
+    import importlib.metadata
     import json
+
+    import torch
 
     out = run_cli("env", "--json")
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
-    assert info["torch"].startswith("2.") and info["cuda_available"] in (True, False)
-    assert "slurm" in info
+    assert info["torch"] == importlib.metadata.version("torch") and info["torch"].split("+")[0] in torch.__version__
+    for name in ("deepspeed", "zarr", "submitit", "stroke-tss"):
+        assert info[name] == importlib.metadata.version(name), name
+    assert info["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert info["cuda_available"] is torch.cuda.is_available()
+    assert len(info["cuda_devices"]) == torch.cuda.device_count()
+    # Slurm: reachable, installed but not answering, or not installed, and which of them it is
+    assert info["slurm"].startswith(("reachable: ", "installed, ", "not installed")), info["slurm"]
+    assert info["slurm"].startswith("not installed") == (shutil.which("sinfo") is None)
 
 
-def test_every_registered_verb_imports_and_has_help():
-    from stroke_tss.cli import VERBS, _module
+def test_every_registered_verb_has_help_that_says_what_it_does(capsys):
+    from stroke_tss.cli import VERBS, main
 
-    for verb in VERBS:
-        module = _module(verb)
-        assert callable(module.add_arguments) and callable(module.main), verb
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    def flat(text: str) -> str:  # argparse wraps lines, also after a hyphen
+        return "".join(text.split())
+
+    top = flat(capsys.readouterr().out)
+    for verb, text in VERBS.items():
+        assert flat(f"{verb} {text[:30]}") in top, verb
+        with pytest.raises(SystemExit) as exc:
+            main([verb, "--help"])
+        assert exc.value.code == 0, verb
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: stroke-tss {verb}"), (verb, out[:200])
+        assert flat(text) in flat(out), verb
 
 
 def _config_file(tmp_path):
