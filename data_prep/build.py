@@ -21,7 +21,9 @@ from data_prep import store as st
 from data_prep.cohort import Manifest, SubjectRow, read_manifest
 from data_prep.config import PrepConfig
 from data_prep.errors import InputError
+from data_prep.paths import subject_path
 from data_prep.pipeline import preprocess_subject
+from data_prep.rerun import fingerprint, refresh
 
 log = logging.getLogger(__name__)
 # one thread per worker for every numeric library, so a subject's result does not depend on scheduling
@@ -35,9 +37,13 @@ class PrepResult:
     done: list[str] = field(default_factory=list)
     """Subjects in the store after this run (earlier runs included)."""
     skipped: list[str] = field(default_factory=list)
-    """Subjects already done before this run."""
+    """Subjects already done before this run whose volumes were kept (inputs unchanged)."""
     failed: dict[str, str] = field(default_factory=dict)
     """subject_id (or manifest line) -> one-line reason; also in STORE/failures.csv."""
+    reprocessed: dict[str, list[str]] = field(default_factory=dict)
+    """Subjects done before whose input files changed -> those inputs; processed again in this run."""
+    updated: dict[str, list[str]] = field(default_factory=dict)
+    """Kept subjects whose manifest columns changed (a fixed onset time, a new clinical column) -> the columns."""
 
 
 def process_subject(row: dict, *, store: str, index: int, config: dict, reference: dict | None) -> dict:
@@ -45,10 +51,11 @@ def process_subject(row: dict, *, store: str, index: int, config: dict, referenc
     cfg = PrepConfig.model_validate(config)
     sid = row["subject_id"]
     try:
+        inputs = fingerprint(row)  # before reading: a file replaced meanwhile is re-done next run, not missed
         result = preprocess_subject(row, config=cfg, reference=reference)
         st.write_subject(store, index, volume=result.volume, brain=result.brain, lesion=result.lesion)
         if cfg.qc_montage:
-            qc.montage(Path(store) / "qc" / f"{sid}.png", result, channels=cfg.channels, title=sid)
+            qc.montage(subject_path(Path(store) / "qc", sid, ".png"), result, channels=cfg.channels, title=sid)
     except InputError as exc:
         return {"subject_id": sid, "error": str(exc)}
     except Exception as exc:  # one subject's crash must not stop the cohort; the reason goes to failures.csv
@@ -56,7 +63,8 @@ def process_subject(row: dict, *, store: str, index: int, config: dict, referenc
         return {"subject_id": sid, "error": f"subject {sid}: {type(exc).__name__}: {exc} "
                 f"(at {Path(where.filename).name}:{where.lineno})"}
     record = {**_table_row(row), "index": index, **result.derived, "qc": result.qc,
-              "landmarks": result.landmarks if reference is None else None}
+              "landmarks": result.landmarks if reference is None else None, "inputs": inputs,
+              "manifest_keys": sorted(row)}
     st.write_record(store, record)
     return record
 
@@ -122,11 +130,14 @@ def prep(manifest: str | Path | Manifest, store: str | Path, *, config: PrepConf
         manifest = read_manifest(manifest, channels=config.channels)
     store = Path(store).absolute()
     rows = {r.subject_id: subject_dict(r, config.channels) for r in manifest.rows}
+    _check_reference_subject(config, manifest, store)  # before the store exists: a typo leaves nothing behind
     index = st.create_or_extend(store, config=config, subject_ids=list(rows))
+    reprocess, updated = refresh(store, rows, st.done_subjects(store))
     done = st.done_subjects(store)
     failed: dict[str, str] = {f"manifest:{i}": line for i, line in enumerate(manifest.errors)}
     todo = [sid for sid in rows if sid not in done]
-    result = PrepResult(store=store, skipped=[s for s in rows if s in done])
+    result = PrepResult(store=store, skipped=[s for s in rows if s in done], reprocessed=reprocess,
+                        updated=updated)
     reference = st.Store(store).attrs.get("reference_histogram")
     need_reference = config.zscore and config.histogram_match
     if need_reference and reference is None:
@@ -149,6 +160,19 @@ def prep(manifest: str | Path | Manifest, store: str | Path, *, config: PrepConf
     return result
 
 
+def _check_reference_subject(config: PrepConfig, manifest: Manifest, store: Path) -> None:
+    """A named histogram reference must be a valid row, unless the store already has its reference."""
+    sid = config.reference_subject
+    if sid is None or not (config.zscore and config.histogram_match) or sid in manifest.subject_ids:
+        return
+    if (store / "zarr.json").is_file() and st.check_is_store(store).get("reference_histogram"):
+        return
+    why = next((line for line in manifest.errors if line.startswith(f"subject {sid},")), None)
+    raise InputError(f"reference_subject {sid!r} is not a valid subject of the manifest"
+                     + (f" ({why})" if why else ""), field="reference_subject", file=manifest.path,
+                     hint="name a subject of the manifest, or leave reference_subject empty for the first one")
+
+
 def _reference_from_records(store: Path, config: PrepConfig) -> dict | None:
     """A run killed after the reference subject's record but before the attrs: take it from the record."""
     for path in sorted((store / "records").glob("*.json")):
@@ -165,8 +189,6 @@ def _build_reference(client, rows, todo, index, store, config, failed, done) -> 
     """Run reference candidates one at a time until one succeeds; its landmarks become the store's."""
     candidates = [config.reference_subject] if config.reference_subject else todo
     for sid in candidates:
-        if sid not in rows:
-            raise InputError(f"prep: reference_subject {sid!r} is not a valid subject of the manifest")
         rec = client.submit(process_subject, rows[sid], store=str(store), index=index[sid],
                             config=config.model_dump(mode="json"), reference=None, pure=False).result()
         if "error" in rec:

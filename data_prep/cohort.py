@@ -12,12 +12,16 @@ Checked on the shared data: the SOOP atlas's "left" territories and the ISLES'22
 x < 0.
 
 `read_manifest` never stops at the first bad subject: each bad row becomes one line in `.errors` naming
-subject, file and field; the good rows are in `.rows`. Whole-file problems (no rows, no subject_id column)
-raise InputError.
+subject, file and field; the good rows are in `.rows`. A row is bad when its subject id is not safe as a file
+name (data_prep/paths.py: 1-64 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit) or when it has
+more or fewer fields than the header. Whole-file problems (not UTF-8 text, no rows, no subject_id column, a
+semicolon-separated file) raise InputError.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +35,7 @@ from data_prep.cohort_scan import scan_tree
 from data_prep.diffusion import b_value_from_sidecar, derive_b0
 from data_prep.errors import InputError
 from data_prep.nifti import load_nifti, world_coords
+from data_prep.paths import ID_RULE, id_problem, shown
 
 IMAGE_COLUMNS = ("dwi", "b0", "t2", "flair", "adc", "lesion_mask", "brain_mask")
 SIDES = ("left", "right", "bilateral", "none")
@@ -101,24 +106,24 @@ def read_manifest(path: str | Path, *, channels: tuple[str, ...] = ("dwi", "b0",
     """Read and validate a manifest CSV; bad subjects go to `.errors`, one line each."""
     path = Path(path)
     if not path.is_file():
-        raise InputError("manifest not found", file=path, hint="run `stroke-tss scan` or `stroke-tss synth`")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except pd.errors.EmptyDataError:
-        df = pd.DataFrame()
-    if "subject_id" not in df.columns:
-        raise InputError("no subject_id column" if len(df.columns) else "empty manifest", file=path,
-                         field="subject_id", hint="the first line must name the columns, subject_id first")
-    if df.empty:
-        raise InputError("empty manifest: a header but no subjects", file=path, hint="add one row per subject")
+        raise InputError("manifest not found" if not path.is_dir() else "a folder, not a manifest CSV", file=path,
+                         hint="run `stroke-tss scan` or `stroke-tss synth`")
+    header, records = _csv_rows(path)
     root = path.parent.absolute()
     rows, errors = [], []
     seen: dict[str, int] = {}
-    for line, raw in enumerate(df.to_dict("records"), start=2):
-        raw = {k.strip(): v.strip() for k, v in raw.items()}
+    for line, raw in records:
+        if isinstance(raw, str):  # the row's shape was wrong: already one line
+            errors.append(raw)
+            continue
         sid = raw["subject_id"]
         if not sid:
             errors.append(f"manifest {path} line {line}: field subject_id: empty (give every row an id)")
+            continue
+        problem = id_problem(sid)
+        if problem is not None:
+            errors.append(str(InputError(f"line {line}: unsafe subject id: {problem}", subject_id=shown(sid),
+                                         field="subject_id", file=path, hint=f"rename it: ids are {ID_RULE}")))
             continue
         if sid in seen:
             errors.append(f"subject {sid}, field subject_id, file {path}: duplicate of line {seen[sid]} "
@@ -130,6 +135,62 @@ def read_manifest(path: str | Path, *, channels: tuple[str, ...] = ("dwi", "b0",
         except InputError as exc:
             errors.append(str(exc))
     return Manifest(path=path, root=root, rows=rows, errors=errors)
+
+
+def _csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str] | str]]]:
+    """(header, [(line, {column: value} or the row's error line)]): whole-file problems raise InputError."""
+    raw = path.read_bytes()
+    if b"\x00" in raw[:65536]:
+        raise InputError("a binary file, not a CSV text", file=path,
+                         hint="give the manifest as comma-separated UTF-8 text, one row per subject")
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: spreadsheets put a byte-order mark in front of "subject_id"
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise InputError(f"not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}; Latin-1 or Windows-1252?)",
+                         file=path, hint="save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 OLD.csv > NEW.csv` or "
+                         "'CSV UTF-8' in a spreadsheet") from None
+    reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True)
+    try:
+        table = [(reader.line_num, row) for row in reader if any(v.strip() for v in row)]
+    except csv.Error as exc:
+        raise InputError(f"not a readable CSV near line {reader.line_num} ({exc})", file=path,
+                         hint="check the quotes on that line: a value with a comma goes in double quotes") from None
+    if not table:
+        raise InputError("empty manifest", file=path, field="subject_id",
+                         hint="the first line must name the columns, subject_id first")
+    header = [name.strip() for name in table[0][1]]
+    if "subject_id" not in header:
+        first = ",".join(table[0][1])
+        for sep, name in ((";", "semicolon"), ("\t", "tab")):
+            if sep in first and "subject_id" in first.split(sep):
+                raise InputError(f"the header looks {name}-separated", file=path, field="subject_id",
+                                 hint="save the manifest comma-separated (CSV with ',')")
+        raise InputError("no subject_id column", file=path, field="subject_id",
+                         hint="the first line must name the columns, subject_id first")
+    named = [name for name in header if name]
+    twice = sorted({name for name in named if named.count(name) > 1})
+    if twice:
+        raise InputError(f"column(s) {', '.join(twice)} appear twice in the header", file=path, field=twice[0],
+                         hint="keep one column of each name")
+    if len(table) == 1:
+        raise InputError("empty manifest: a header but no subjects", file=path, hint="add one row per subject")
+    id_col = header.index("subject_id")
+    records: list[tuple[int, dict[str, str] | str]] = []
+    for line, row in table[1:]:
+        values = [v.strip() for v in row]
+        sid = values[id_col] if id_col < len(values) else ""
+        # a row of another width is refused, not padded: its values would land under the wrong columns
+        # (an unquoted comma in a site name shifts every later column, a path into onset_to_mri_min)
+        extra = [v for name, v in zip(header + [""] * len(values), values) if not name and v]
+        if len(values) < len(header) or extra:
+            records.append((line, str(InputError(
+                f"line {line} has {len(values)} fields where the header has {len(header)}",
+                subject_id=shown(sid) if sid else None, file=path,
+                hint="quote values that hold a comma, and give every row every column (empty when unknown)"))))
+            continue
+        records.append((line, {name: v for name, v in zip(header, values) if name}))
+    return header, records
 
 
 def _validate_row(raw: dict[str, str], *, sid: str, root: Path, manifest: Path,

@@ -13,7 +13,7 @@ class InputError(ValueError):
         self.subject_id = subject_id
         self.file = None if file is None else str(file)
         self.field = field
-        self.problem = problem
+        self.problem = _worker_line(problem, type(self).__name__)
         self.hint = hint
         super().__init__(self._line())
 
@@ -28,3 +28,13 @@ class InputError(ValueError):
         head = ", ".join(where)
         text = f"{head}: {self.problem}" if head else self.problem
         return f"{text} ({self.hint})" if self.hint else text
+
+
+def _worker_line(problem: str, name: str) -> str:
+    """torch's DataLoader re-raises a worker's exception as `type(exc)(text)`, the text holding the worker's
+    whole traceback; the error's own line is its last one, `[module.]Name: message`."""
+    if "\nOriginal Traceback" not in problem:
+        return problem
+    last = problem.rstrip().splitlines()[-1]
+    head, sep, message = last.partition(": ")
+    return message if sep and head.rsplit(".", 1)[-1] == name else problem

@@ -1,8 +1,9 @@
 """Safe NIfTI loading: every way a file can be unusable becomes one InputError line.
 
 Checked: missing file, truncated gzip, not a NIfTI, 4D where 3D is expected (a trailing axis of length 1
-is squeezed, as scanners write it), NaN/Inf voxels, all-zero volume (except a lesion mask: empty = no
-lesion). The voxel data is read once here, so the returned image holds it in memory.
+is squeezed, as scanners write it), a singular or non-finite affine, NaN/Inf voxels, all-zero volume
+(except a lesion mask: empty = no lesion). The voxel data is read once here, so the returned image holds it
+in memory.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ import nibabel as nib
 import numpy as np
 
 from data_prep.errors import InputError
+
+# a voxel smaller than this (mm^3) is a collapsed axis, not a real acquisition: nothing maps it to a place
+MIN_VOXEL_MM3 = 1e-6
+_AFFINE_HINT = "re-convert the series (e.g. dcm2niix) or repair the sform/qform in its header"
 
 
 def load_nifti(path: str | Path, *, subject_id: str, field: str, expect_3d: bool = True) -> nib.Nifti1Image:
@@ -37,6 +42,13 @@ def load_nifti(path: str | Path, *, subject_id: str, field: str, expect_3d: bool
     except (OSError, ValueError) as exc:
         # nibabel reports a short read of the voxel block as a ValueError ("buffer is too small")
         raise fail(f"unreadable NIfTI ({exc})", "re-export or re-copy the file") from None
+    affine = img.affine
+    if not np.isfinite(affine).all():
+        raise fail("the header's affine holds NaN/Inf", _AFFINE_HINT)
+    if abs(np.linalg.det(affine[:3, :3])) < MIN_VOXEL_MM3:
+        # an all-zero or rank-deficient sform: no voxel has a place in the head, so nothing can be registered
+        raise fail(f"the header's affine is singular (voxel volume {np.linalg.det(affine[:3, :3]):.3g} mm^3)",
+                   _AFFINE_HINT)
     if expect_3d:
         while data.ndim > 3 and data.shape[-1] == 1:
             data = data[..., 0]
@@ -52,7 +64,7 @@ def load_nifti(path: str | Path, *, subject_id: str, field: str, expect_3d: bool
     header.set_data_shape(data.shape)
     header.set_data_dtype(data.dtype)
     header.set_slope_inter(None, None)  # the data is already scaled
-    return nib.Nifti1Image(np.asarray(data), img.affine, header)
+    return nib.Nifti1Image(np.asarray(data), affine, header)
 
 
 def world_coords(img: nib.Nifti1Image, mask: np.ndarray) -> np.ndarray:

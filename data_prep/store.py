@@ -16,13 +16,22 @@ is 12.4 MB. With `chunk_zyx` (smaller chunks of one channel) each subject's bloc
 chunk or shard spans two subjects and Dask workers never write into the same file.
 The reader opens lazily and re-opens after fork, and pickles as a path, so DataLoader workers (fork or spawn)
 each get their own handle.
+Integrity (attrs "integrity"): every chunk (or shard) ends in a CRC32C of its encoded bytes (Zarr v3's crc32c
+codec, after the compressor), so flipped bytes are an error instead of values near 1e33; and every chunk of a
+subject is written, zeros included, so a chunk file missing from a finished subject is damage, not "all fill
+value". The reader checks a subject's chunk files once per process, on its first read (a few stat calls), and
+turns any decode failure into one StoreError naming the subject; `verify_store` checks everything. A store
+written before the checksums (no "integrity" attr) stays readable; only decode errors are caught there.
 """
 
 from __future__ import annotations
 
 import importlib.metadata as md
+import itertools
 import json
+import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +41,16 @@ import zarr.codecs
 
 from data_prep.config import PrepConfig
 from data_prep.errors import InputError
+from data_prep.paths import subject_path
 
 SCHEMA_VERSION = 1
 MARKER = "stroke_tss_store"
 LESION_FLAG_MIN_ML = 0.1  # a hemisphere counts as lesioned above this; below it is resampling spill-over
+ARRAYS = ("volumes", "brain", "lesion")
+INTEGRITY = {"checksum": "crc32c", "empty_chunks": "written"}
+# what a subject's read may raise when its bytes are damaged: crc32c mismatch (ValueError), a codec's decode
+# error (RuntimeError from zstd/blosc), a short or unreadable file (OSError)
+_DAMAGE = (ValueError, RuntimeError, OSError)
 _VERSIONED = ("numpy", "zarr", "SimpleITK", "nibabel", "nilearn", "dask", "distributed", "stroke-tss")
 
 
@@ -62,6 +77,7 @@ class Store:
         self._group = None
         self._table: pd.DataFrame | None = None
         self._index: dict[str, int] | None = None
+        self._checked: set[str] = set()
 
     def __getstate__(self) -> dict:
         return {"path": self.path}
@@ -75,8 +91,9 @@ class Store:
     @property
     def group(self):
         if self._group is None or self._pid != os.getpid():
-            self._group = zarr.open_group(self.path, mode="r")
-            self._arrays = {name: self._group[name] for name in ("volumes", "brain", "lesion")}
+            self._group, self._arrays = _open_arrays(self.path, mode="r")
+            self._complete = self._group.attrs.get("integrity", {}).get("empty_chunks") == "written"
+            self._checked = set()
             self._pid = os.getpid()
         return self._group
 
@@ -113,28 +130,74 @@ class Store:
         self.group  # noqa: B018  (opens or re-opens after fork)
         return self._arrays[name]
 
+    def _read(self, name: str, sid: str, selection: tuple, dtype) -> np.ndarray:
+        """One subject's block of one array; damage becomes a StoreError naming the subject."""
+        row = self._row(sid)
+        arr = self._array(name)
+        if self._complete and sid not in self._checked:
+            missing = missing_chunks(self.path, self._arrays, row)
+            if missing:
+                raise StoreError(f"{len(missing)} chunk file(s) missing ({missing[0]}) of a finished subject",
+                                 subject_id=sid, file=self.path, hint=redo_hint(self.path, sid))
+            self._checked.add(sid)
+        try:
+            return np.asarray(arr[(row, *selection)], dtype=dtype)
+        except _DAMAGE as exc:
+            raise StoreError(f"{name} chunk unreadable ({type(exc).__name__}: {exc})", subject_id=sid,
+                             file=self.path, hint=redo_hint(self.path, sid)) from None
+
     def volume(self, sid: str) -> np.ndarray:
         """All channels, float32 (channel, z, y, x)."""
-        return np.asarray(self._array("volumes")[self._row(sid)], dtype=np.float32)
+        return self._read("volumes", sid, (), np.float32)
 
     def hemisphere(self, sid: str, side: str) -> np.ndarray:
         """(channel, z, y, x/2); left = low RAS x; the right half is flipped along x onto the left."""
         half = self._array("volumes").shape[-1] // 2
-        arr = self._array("volumes")
         if side == "left":
-            return np.asarray(arr[self._row(sid), :, :, :, :half], dtype=np.float32)
+            return self._read("volumes", sid, (slice(None),) * 3 + (slice(None, half),), np.float32)
         if side == "right":
-            return np.ascontiguousarray(np.asarray(arr[self._row(sid), :, :, :, half:], dtype=np.float32)[..., ::-1])
+            right = self._read("volumes", sid, (slice(None),) * 3 + (slice(half, None),), np.float32)
+            return np.ascontiguousarray(right[..., ::-1])
         raise ValueError(f"side must be 'left' or 'right', got {side!r}")
 
     def brain(self, sid: str) -> np.ndarray:
-        return np.asarray(self._array("brain")[self._row(sid)], dtype=np.uint8)
+        return self._read("brain", sid, (), np.uint8)
 
     def lesion(self, sid: str) -> np.ndarray | None:
         row = self.table.loc[self.table["subject_id"] == sid]
         if not row.empty and not bool(row["has_lesion_mask"].iloc[0]):
             return None
-        return np.asarray(self._array("lesion")[self._row(sid)], dtype=np.uint8)
+        return self._read("lesion", sid, (), np.uint8)
+
+
+def redo_hint(path: str | Path, sid: str) -> str:
+    """What to run when one subject's data is damaged: drop its record, and prep re-makes it."""
+    return (f"delete {subject_path(Path(path) / 'records', sid, '.json')} and run `stroke-tss prep MANIFEST "
+            f"{path}` again; it re-processes that subject")
+
+
+def _open_arrays(path: Path, *, mode: str):
+    """(group, {name: array}); a cut-short or missing array zarr.json becomes one StoreError."""
+    try:
+        group = zarr.open_group(path, mode=mode)
+        return group, {name: group[name] for name in ARRAYS}
+    except (ValueError, KeyError, OSError) as exc:  # JSONDecodeError is a ValueError
+        raise StoreError(f"{path}: the store's Zarr metadata is damaged ({type(exc).__name__}: {exc})",
+                         hint="rebuild it: `stroke-tss prep MANIFEST NEW_STORE`") from None
+
+
+def chunk_files(path: str | Path, arr, row: int) -> list[Path]:
+    """The files (chunks, or shards when sharded) that hold row `row` of `arr`: none spans two subjects."""
+    outer = arr.shards or arr.chunks
+    counts = [range(math.ceil(n / c)) for n, c in zip(arr.shape[1:], outer[1:])]
+    folder = Path(path) / arr.path
+    return [folder / arr.metadata.encode_chunk_key((row, *rest)) for rest in itertools.product(*counts)]
+
+
+def missing_chunks(path: str | Path, arrays: dict, row: int) -> list[str]:
+    """Chunk files of row `row` that are not on disk, as paths relative to the store."""
+    return [str(f.relative_to(path)) for arr in arrays.values() for f in chunk_files(path, arr, row)
+            if not f.is_file()]
 
 
 def open_store(path: str | Path) -> Store:
@@ -146,9 +209,16 @@ def open_store(path: str | Path) -> Store:
 def check_is_store(path: str | Path) -> dict:
     path = Path(path)
     meta = path / "zarr.json"
+    if path.is_file():
+        raise StoreError(f"{path}: a file, not a store (a store is a folder); build one with `stroke-tss prep`")
     if not meta.is_file():
         raise StoreError(f"{path}: not a stroke-tss store (no zarr.json); build one with `stroke-tss prep`")
-    attrs = json.loads(meta.read_text()).get("attributes", {})
+    try:
+        attrs = json.loads(meta.read_text()).get("attributes", {})
+    except (ValueError, AttributeError, OSError) as exc:  # cut short, not UTF-8, not an object
+        raise StoreError(f"{meta}: unreadable store metadata ({type(exc).__name__}: {exc}); the file was cut short "
+                         "or overwritten: restore it from a backup or rebuild the store with `stroke-tss prep`"
+                         ) from None
     if attrs.get(MARKER) is None:
         raise StoreError(f"{path}: a Zarr group but not a stroke-tss store (attribute {MARKER!r} missing)")
     if attrs[MARKER] > SCHEMA_VERSION:
@@ -167,13 +237,15 @@ def read_table(path: str | Path) -> pd.DataFrame:
 # --- writer primitives (driver: create/extend/assemble; worker: write_subject + write_record) ---------------
 
 
-def _compressors(config: PrepConfig):
+def _compressors(config: PrepConfig) -> list:
+    """The codec, then a CRC32C of its output (checked before decompressing: a flipped byte never decodes)."""
     if config.codec == "none":
-        return None
+        return [zarr.codecs.Crc32cCodec()]
     if config.codec == "zstd":
-        return [zarr.codecs.ZstdCodec(level=config.codec_level)]
+        return [zarr.codecs.ZstdCodec(level=config.codec_level), zarr.codecs.Crc32cCodec()]
     cname = config.codec.split("-", 1)[1]
-    return [zarr.codecs.BloscCodec(cname=cname, clevel=min(config.codec_level, 9), shuffle="shuffle")]
+    return [zarr.codecs.BloscCodec(cname=cname, clevel=min(config.codec_level, 9), shuffle="shuffle"),
+            zarr.codecs.Crc32cCodec()]
 
 
 def _layout(config: PrepConfig, *, channels: bool) -> tuple[tuple, tuple | None]:
@@ -205,15 +277,20 @@ def create_or_extend(path: str | Path, *, config: PrepConfig, subject_ids: list[
     """Driver only. Create the store (or check an existing one was built with `config`) and give every
     subject a fixed row; returns subject_id -> row. Rows follow first appearance, so a re-run matches."""
     path = Path(path)
+    if path.is_file():
+        raise StoreError(f"{path}: a file, not a store folder; choose a new or empty path")
     if path.exists() and not (path / "zarr.json").exists() and any(path.iterdir()):
         raise StoreError(f"{path}: exists and is not a stroke-tss store; choose a new or empty path")
     if (path / "zarr.json").exists():
         attrs = check_is_store(path)
-        if attrs.get("config_hash") != config.config_hash():
+        if attrs.get("config_hash") != config.config_hash() and _unused(path, attrs):
+            _remove(path)  # nothing was finished under the old config: the corrected one may take its place
+        elif attrs.get("config_hash") != config.config_hash():
             raise StoreError(f"{path}: store was built with another preprocessing config "
                              f"(hash {attrs.get('config_hash')} != {config.config_hash()}); "
                              "use a new store path or the store's own config (attrs 'prep_config')")
-        group = zarr.open_group(path, mode="r+")
+    if (path / "zarr.json").exists():
+        group, _ = _open_arrays(path, mode="r+")
     else:
         group = _create(path, config)
     index = dict(group.attrs.get("subject_index", {}))
@@ -229,6 +306,19 @@ def create_or_extend(path: str | Path, *, config: PrepConfig, subject_ids: list[
     return index
 
 
+def _unused(path: Path, attrs: dict) -> bool:
+    """No subject finished and no histogram reference set: a store a failed first run left behind."""
+    return not done_subjects(path) and not attrs.get("reference_histogram")
+
+
+def _remove(path: Path) -> None:
+    """Only what a store of ours holds, so a stray file of the user's stops the removal instead of going."""
+    for name in (*ARRAYS, "records", "qc", "logs"):
+        shutil.rmtree(path / name, ignore_errors=True)
+    for name in ("subjects.csv", "failures.csv", "qc.csv", "zarr.json"):
+        (path / name).unlink(missing_ok=True)
+
+
 def _create(path: Path, config: PrepConfig):
     group = zarr.open_group(path, mode="w-", zarr_format=3)
     nx, ny, nz = config.shape
@@ -239,10 +329,11 @@ def _create(path: Path, config: PrepConfig):
     chunks, shards = _layout(config, channels=False)
     for name in ("brain", "lesion"):
         group.create_array(name, shape=(1, nz, ny, nx), dtype="uint8", chunks=chunks, shards=shards,
-                           compressors=[zarr.codecs.ZstdCodec(level=1)], fill_value=0,
-                           dimension_names=("subject", "z", "y", "x"))
+                           compressors=[zarr.codecs.ZstdCodec(level=1), zarr.codecs.Crc32cCodec()],
+                           fill_value=0, dimension_names=("subject", "z", "y", "x"))
     group.attrs.update({
         MARKER: SCHEMA_VERSION,
+        "integrity": INTEGRITY,
         "affine": grid_affine(config).tolist(),
         "channels": list(config.channels),
         "spacing_mm": config.spacing_mm,
@@ -265,16 +356,17 @@ def set_reference_histogram(path: str | Path, reference: dict) -> None:
 def write_subject(path: str | Path, row: int, *, volume: np.ndarray, brain: np.ndarray,
                   lesion: np.ndarray | None) -> None:
     """Worker: write one subject's block (whole shards, so concurrent subjects never share a file)."""
-    group = zarr.open_group(path, mode="r+")
-    vol = group["volumes"]
+    _, arrays = _open_arrays(Path(path), mode="r+")
+    # every chunk on disk, zeros too: then a missing file of a finished subject is damage, never "all zero"
+    vol, brain_arr, lesion_arr = (arrays[name].with_config({"write_empty_chunks": True}) for name in ARRAYS)
     vol[row] = volume.astype(vol.dtype)
-    group["brain"][row] = brain.astype(np.uint8)
-    group["lesion"][row] = np.zeros_like(brain, np.uint8) if lesion is None else lesion.astype(np.uint8)
+    brain_arr[row] = brain.astype(np.uint8)
+    lesion_arr[row] = np.zeros_like(brain, np.uint8) if lesion is None else lesion.astype(np.uint8)
 
 
 def write_record(path: str | Path, record: dict) -> None:
     """Worker, after write_subject: the record marks the subject done (atomic rename)."""
-    out = Path(path) / "records" / f"{record['subject_id']}.json"
+    out = subject_path(Path(path) / "records", record["subject_id"], ".json")
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, default=_json_default))
     os.replace(tmp, out)
@@ -288,6 +380,10 @@ def _json_default(value):
     raise TypeError(f"cannot store {type(value).__name__} in a subject record")
 
 
+RECORD_ONLY = ("qc", "landmarks", "inputs", "manifest_keys")
+"""Record fields that stay out of subjects.csv (qc.csv has the QC; the rest is prep's own bookkeeping)."""
+
+
 def done_subjects(path: str | Path) -> set[str]:
     records = Path(path) / "records"
     return {p.stem for p in records.glob("*.json")} if records.is_dir() else set()
@@ -297,8 +393,68 @@ def assemble_table(path: str | Path) -> pd.DataFrame:
     """Driver: the subjects table from all records (row order = store row), written to subjects.csv."""
     path = Path(path)
     rows = [json.loads(p.read_text()) for p in sorted((path / "records").glob("*.json"))]
-    table = pd.DataFrame([{k: v for k, v in r.items() if k not in ("qc", "landmarks")} for r in rows])
+    table = pd.DataFrame([{k: v for k, v in r.items() if k not in RECORD_ONLY} for r in rows])
     if not table.empty:
         table = table.sort_values("index").reset_index(drop=True)
     table.to_csv(path / "subjects.csv", index=False)
     return table
+
+
+def verify_store(path: str | Path) -> list[str]:
+    """Check a store end to end: metadata, records, table, every finished subject's chunks (present and
+    decoding, checksums included). One line per problem: subject, what is wrong, what to re-run; [] = intact."""
+    path = Path(path)
+    try:
+        attrs = check_is_store(path)
+        _, arrays = _open_arrays(path, mode="r")
+    except StoreError as exc:
+        return [str(exc)]
+    problems: list[str] = []
+    index = attrs.get("subject_index") or {}
+    records: dict[str, dict] = {}
+    for file in sorted((path / "records").glob("*.json")):
+        sid = file.stem
+        try:
+            record = json.loads(file.read_text())
+            row = int(record["index"])
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            problems.append(f"subject {sid}: record {file} unreadable ({type(exc).__name__}); delete it and run "
+                            f"`stroke-tss prep MANIFEST {path}` again")
+            continue
+        if record.get("subject_id") != sid or index.get(sid) != row:
+            problems.append(f"subject {sid}: record {file} names subject {record.get('subject_id')!r} at row {row}, "
+                            f"the store has it at row {index.get(sid)}; {redo_hint(path, sid)}")
+            continue
+        records[sid] = record
+    try:
+        table = read_table(path)
+    except (ValueError, OSError) as exc:
+        table = None
+        problems.append(f"{path}/subjects.csv: unreadable ({type(exc).__name__}); run `stroke-tss prep MANIFEST "
+                        f"{path}` again, it rewrites the table from the records")
+    finished = done_subjects(path)
+    if table is not None and set(table["subject_id"]) != finished:
+        stale = sorted(set(table["subject_id"]) ^ finished)
+        problems.append(f"{path}/subjects.csv: out of date with the records (subjects {', '.join(stale[:5])}); "
+                        f"run `stroke-tss prep MANIFEST {path}` again, it rewrites the table")
+    reference = (attrs.get("reference_histogram") or {}).get("subject_id")
+    if reference is not None and reference not in finished:
+        problems.append(f"subject {reference}: the histogram reference has no record; "
+                        f"run `stroke-tss prep MANIFEST {path}` again with it in the manifest")
+    complete = attrs.get("integrity", {}).get("empty_chunks") == "written"
+    for sid, record in records.items():
+        row = int(record["index"])
+        missing = missing_chunks(path, arrays, row) if complete else []
+        if missing:
+            problems.append(f"subject {sid}: {len(missing)} chunk file(s) missing ({missing[0]}); "
+                            f"{redo_hint(path, sid)}")
+            continue
+        for name, arr in arrays.items():
+            try:
+                arr[row]
+            except _DAMAGE as exc:
+                problems.append(f"subject {sid}: {name} chunk unreadable ({type(exc).__name__}: {exc}); "
+                                f"{redo_hint(path, sid)}")
+                break
+    return problems
+

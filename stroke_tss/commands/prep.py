@@ -50,9 +50,14 @@ def main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     result = prep(args.manifest, args.store, config=config, workers=args.workers, cluster=args.cluster,
                   cluster_options=options, progress=not args.no_progress)
-    new = len(result.done) - len(result.skipped)
-    print(f"store {result.store}: {len(result.done)} subject(s) ({new} new, {len(result.skipped)} already "
-          f"there), {len(result.failed)} failed, {time.perf_counter() - start:.1f} s")
+    new = len(result.done) - len(result.skipped) - len(set(result.reprocessed) & set(result.done))
+    print(f"store {result.store}: {len(result.done)} subject(s) ({new} new, {len(result.reprocessed)} "
+          f"re-processed, {len(result.skipped)} kept), {len(result.failed)} failed, "
+          f"{time.perf_counter() - start:.1f} s")
+    for title, changes in (("re-processed (input files changed)", result.reprocessed),
+                           ("table updated from the manifest", result.updated)):
+        if changes:
+            print(f"  {title}: " + "; ".join(f"{sid} ({', '.join(cols)})" for sid, cols in changes.items()))
     if not result.failed:
         return 0
     for line in result.failed.values():
