@@ -3,6 +3,9 @@
 Pure functions over a mapping (os.environ by default) so they can be tested on recorded environments.
 Precedence: torchrun's RANK/LOCAL_RANK/WORLD_SIZE win over SLURM_PROCID, because `srun ... torchrun` starts
 one Slurm task per node and torchrun forks the ranks below it; the Slurm variables then describe nodes.
+A world that cannot exist is refused: the batch step of an allocation of several tasks (SLURM_NTASKS > 1, no
+SLURM_STEP_ID) is one process, whatever SLURM_NTASKS says, and its peers would never come.
+`init_distributed` exports the torchrun variables it derived, as DeepSpeed and other libraries read them.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 
 DEFAULT_PORT_BASE = 20000
@@ -59,8 +62,11 @@ class DistEnv:
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> DistEnv:
         """Parse the launcher's variables; raises ValueError naming the inconsistent ones."""
         env = os.environ if environ is None else environ
-        slurm = _slurm_fields(env) if "SLURM_JOB_ID" in env and "SLURM_PROCID" in env else None
-        if "RANK" in env and "WORLD_SIZE" in env:
+        in_slurm = "SLURM_JOB_ID" in env and "SLURM_PROCID" in env
+        torchrun = "RANK" in env and "WORLD_SIZE" in env
+        # Under torchrun the Slurm variables describe nodes (or the batch step that started torchrun).
+        slurm = _slurm_fields(env, ranks=not torchrun) if in_slurm else None
+        if torchrun:
             rank = _int(env, "RANK")
             world = _int(env, "WORLD_SIZE")
             local = _int(env, "LOCAL_RANK", default=0)
@@ -85,10 +91,17 @@ class DistEnv:
         return cls()
 
 
-def _slurm_fields(env: Mapping[str, str]) -> dict:
+def _slurm_fields(env: Mapping[str, str], *, ranks: bool) -> dict:
     rank = _int(env, "SLURM_PROCID")
-    world = _int(env, "SLURM_NTASKS", default=1)
-    _check_rank(rank, world, "SLURM_PROCID", "SLURM_NTASKS")
+    # A step's own task count (srun --ntasks=1 inside a 16-task allocation is one rank).
+    world_key = "SLURM_STEP_NUM_TASKS" if env.get("SLURM_STEP_NUM_TASKS") else "SLURM_NTASKS"
+    world = _int(env, world_key, default=1)
+    _check_rank(rank, world, "SLURM_PROCID", world_key)
+    if ranks and world > 1 and not env.get("SLURM_STEP_ID"):
+        raise ValueError(
+            f"this process is the batch step of Slurm job {env['SLURM_JOB_ID']} (SLURM_NTASKS={world}, no "
+            "SLURM_STEP_ID): it is one process, and the other ranks would never join; start the ranks with "
+            "srun (see slurm/*.sbatch), or run one process with `srun --ntasks=1 ...`")
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "localhost"
     nodes = tuple(expand_nodelist(nodelist))
     num_nodes = _int(env, "SLURM_JOB_NUM_NODES", default=_int(env, "SLURM_NNODES", default=len(nodes)))
@@ -199,6 +212,8 @@ def init_distributed(env: DistEnv | None = None, *, timeout_s: float = 600.0) ->
     import torch.distributed as dist
 
     env = env or DistEnv.from_environ()
+    if env.launcher == "slurm":  # torchrun set them already; a lone process needs none (and its children inherit)
+        export_environ(env)
     if not env.distributed or dist.is_initialized():
         return env
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -214,6 +229,19 @@ def init_distributed(env: DistEnv | None = None, *, timeout_s: float = 600.0) ->
     global _joined
     _joined = True
     return env
+
+
+def export_environ(env: DistEnv, environ: MutableMapping[str, str] | None = None) -> None:
+    """Set RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT from `env`.
+
+    Under srun only the Slurm variables exist, and DeepSpeed asserts LOCAL_RANK (and reads the others), as
+    do torch's env:// rendezvous and user code; submitit's TorchDistributedEnvironment sets the same.
+    """
+    environ = os.environ if environ is None else environ
+    local_world = env.world_size // env.num_nodes if env.world_size % env.num_nodes == 0 else env.world_size
+    environ.update(RANK=str(env.rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.world_size),
+                   LOCAL_WORLD_SIZE=environ.get("LOCAL_WORLD_SIZE") or str(local_world),
+                   MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
 
 
 def destroy_distributed() -> None:

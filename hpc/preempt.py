@@ -1,17 +1,23 @@
 """Preemption as a flag: the signal handler only records it; the training loop acts at a step boundary.
 
     install()                      # at task start (CheckpointableTask does it)
+    poll = Poll()
     for step in ...:
         ...
-        if requested():            # every rank calls it: they agree through an all_reduce
+        if poll():                 # every rank calls it: they agree through an all_reduce
             save_checkpoint()      # every rank saves (ZeRO shards live on every rank)
             raise Preempted()      # CheckpointableTask then requeues (rank 0) and exits
+
+`Poll` costs a step almost nothing: the flag file is looked at every few seconds, not at every step, and the
+ranks' all_reduce runs in the background, its answer read at the next step (one step late, never a stall).
 
 submitit's own handler requeues and exits inside the signal handler, before anything is saved; `install`
 moves it aside and calls it only in `requeue_and_exit`, where its countdown of timeouts still applies.
 
-A process that ends itself on preemption (a CLI verb under a plain sbatch script) exits with `EXIT_CODE`;
-the sbatch templates read it with `python -m hpc.preempt exit-code` and requeue on it.
+A process that ends itself on preemption (a CLI verb under a plain sbatch script) calls `record_saved`, which
+creates the flag file, and exits with `EXIT_CODE`. The sbatch templates requeue when the flag file exists
+after the ranks ended (their USR2 trap creates it too), never on an exit code: torchrun reports a worker's
+exit 75 as its own exit 1.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from typing import Any, NoReturn
 
 log = logging.getLogger(__name__)
@@ -96,6 +103,70 @@ def requested(*, sync: bool = True) -> bool:
     flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
+
+
+class Poll:
+    """The preemption flag as all ranks agree on it, cheap enough to call at every step.
+
+    Call it at every step boundary on every rank (under torch.distributed it is a collective). A single
+    process gets its own flag at once. Under torch.distributed each call starts an asynchronous all_reduce of
+    this rank's flag and returns the answer of the previous call's: the ranks learn of a signal one step
+    after it arrived, and no rank waits for the slowest one just to hear "no". The flag file (see
+    `requested`) lives on a shared filesystem; it is looked at every `file_every_s` seconds, not per step.
+    """
+
+    def __init__(self, *, file_every_s: float = 5.0) -> None:
+        self.file_every_s = file_every_s
+        self._file_checked = -float("inf")
+        self._file_seen = False
+        self._pending: tuple[Any, Any] | None = None
+
+    def local(self) -> bool:
+        """This rank's view: the signal arrived, or the flag file existed when last looked at."""
+        if _flag["signum"] is not None:
+            return True
+        now = time.monotonic()
+        if not self._file_seen and now - self._file_checked >= self.file_every_s:
+            self._file_checked = now
+            self._file_seen = _file_requested()
+        return self._file_seen
+
+    def __call__(self) -> bool:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.local()
+        import torch
+
+        agreed = False
+        if self._pending is not None:
+            work, flag = self._pending
+            work.wait()
+            self._pending = None
+            agreed = bool(flag.item())
+        if not agreed:
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            flag = torch.tensor([1 if self.local() else 0], dtype=torch.int32, device=device)
+            self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag)
+        return agreed
+
+    def close(self) -> None:
+        """Wait for the all_reduce in flight (every rank, before the process group goes away)."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
+
+
+def record_saved() -> None:
+    """A run saved on preemption: create the flag file, which tells the batch script to requeue the job.
+
+    Needed when the signal reached the ranks and not the batch shell (`scancel --signal=USR2`, or
+    `--signal=USR2@T` without `B:`). Nothing happens when no flag file is configured.
+    """
+    path = os.environ.get(_file_var["name"])
+    if path:
+        with open(path, "a"):
+            pass
 
 
 def _file_requested() -> bool:

@@ -2,8 +2,10 @@
 
 What it guarantees to both: it resumes from the folder's latest checkpoint at the exact step (the saved state
 holds the loop position, the caller's epoch-end state and, per rank, every RNG state, so on CPU a killed and
-resumed run continues bit-identically); it polls the preemption flag at every step boundary and saves before
-raising `hpc.preempt.Preempted`; its DataLoader draws from its own seeded generator; it writes one log.jsonl
+resumed run continues bit-identically; a checkpoint of another world size is refused, since its sampler
+position and schedule length are counted in that world's steps); it polls the preemption flag at every step
+boundary (`hpc.preempt.Poll`: the ranks agree one step later, without a stall) and saves before raising
+`hpc.preempt.Preempted`; its DataLoader draws from its own seeded generator; it writes one log.jsonl
 line per epoch (lines of epochs a resume redoes are dropped); and the learning-rate schedule is a function
 of the global step alone. The loop never branches on the engine kind or on what is being trained: the
 caller gives the loss of a batch and what happens at the end of an epoch.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,10 +30,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from hpc import preempt
-from hpc.checkpoint import Checkpoints
+from hpc.checkpoint import Checkpoints, saved_world_size
 from hpc.engine import Engine, build_engine
 from hpc.sampler import ShardedSampler
 from stroke_tss.config.training import EngineSection, OptimizerSection
+from stroke_tss.errors import UserError
 from stroke_tss.optim import build_optimizer
 
 log = logging.getLogger(__name__)
@@ -100,6 +104,7 @@ def run_loop(eng: Engine, data: Dataset, sampler: ShardedSampler, *, out_dir: Pa
     """Train until `end_epoch` says stop or `settings.max_epochs` is reached; resumable at any step."""
     ckpts = Checkpoints(out_dir / "ckpt", keep=settings.keep_checkpoints)
     loop = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "loss_sum": 0.0, "seen": 0}
+    _check_world_size(ckpts, eng.world_size)
     saved = ckpts.load(eng)
     if saved is not None:
         loop = _loop_position(saved)
@@ -112,7 +117,9 @@ def run_loop(eng: Engine, data: Dataset, sampler: ShardedSampler, *, out_dir: Pa
         ckpts.save(eng, tag=tag, state={"loop": dict(loop), "stopper": end_epoch.state_dict()})
 
     lr_factor = lr_schedule(opt_cfg, settings.max_epochs * settings.steps_per_epoch(len(sampler)))
-    show_bar = eng.is_main and log.isEnabledFor(logging.INFO)
+    # A bar redraws itself with carriage returns: on a terminal only, never into a Slurm .out file.
+    show_bar = eng.is_main and log.isEnabledFor(logging.INFO) and sys.stderr.isatty()
+    poll = preempt.Poll()
     stop = loop["epoch"] >= settings.max_epochs
     while not stop:
         epoch = loop["epoch"]
@@ -143,7 +150,7 @@ def run_loop(eng: Engine, data: Dataset, sampler: ShardedSampler, *, out_dir: Pa
             bar.update(1)
             if settings.ckpt_every_steps and loop["global_step"] % settings.ckpt_every_steps == 0:
                 save(f"step-{loop['global_step']:08d}")
-            if preempt.requested():
+            if poll():
                 save(f"step-{loop['global_step']:08d}")
                 bar.close()
                 raise preempt.Preempted(f"preempted at epoch {epoch}, step {loop['step_in_epoch']}; "
@@ -161,7 +168,19 @@ def run_loop(eng: Engine, data: Dataset, sampler: ShardedSampler, *, out_dir: Pa
         loop.update(epoch=epoch + 1, step_in_epoch=0, loss_sum=0.0, seen=0)
         if stop or (epoch + 1) % settings.ckpt_every_epochs == 0:
             save(f"epoch-{epoch + 1:04d}")
+    poll.close()
     eng.barrier()
+
+
+def _check_world_size(ckpts: Checkpoints, world_size: int) -> None:
+    """Refuse to resume a checkpoint saved by another number of ranks: each rank's place in the epoch and the
+    length of the learning-rate schedule are counted in steps of the world that saved it."""
+    tag = ckpts.latest()
+    saved = saved_world_size(ckpts.folder, tag) if tag else None
+    if saved is not None and saved != world_size:
+        raise UserError(f"checkpoint {ckpts.folder / tag} was saved by {saved} rank(s) and this run has "
+                        f"{world_size}: resume it with {saved} rank(s) (its sampler position and learning-rate "
+                        "schedule are counted in their steps), or train into a new run.dir")
 
 
 def _loop_position(saved: dict) -> dict:

@@ -2,12 +2,19 @@
 
 import pytest
 
-from hpc.env import DistEnv, expand_nodelist, port_for_job
+from hpc.env import DistEnv, expand_nodelist, export_environ, port_for_job
+from tests.fixtures.dist import torchrun
 
 # Recorded from `srun -N2 --ntasks-per-node=4` (rank 5 = node 1, local 1).
 SLURM_2x4 = {
     "SLURM_JOB_ID": "48213", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8",
     "SLURM_NODEID": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "dgx[03-04]",
+    "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "8",
+}
+# Recorded in the batch script of `sbatch -N2 --ntasks-per-node=8` (no srun: the batch step itself).
+SLURM_BATCH_STEP = {
+    "SLURM_JOB_ID": "48214", "SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_NTASKS_PER_NODE": "8",
+    "SLURM_NODEID": "0", "SLURM_LOCALID": "0", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "dgx[03-04]",
 }
 # Recorded from torchrun --nproc-per-node 2 on one host.
 TORCHRUN_2 = {
@@ -49,6 +56,36 @@ def test_torchrun_under_srun_wins_over_slurm_procid():
     assert env.launcher == "srun+torchrun" and env.job_id == "77" and env.num_nodes == 2
 
 
+def test_the_batch_step_of_a_multi_task_allocation_is_refused_in_one_line():
+    """`stroke-tss train` typed into a 16-task batch script (no srun) would wait for 15 ranks that never come."""
+    with pytest.raises(ValueError) as info:
+        DistEnv.from_environ(SLURM_BATCH_STEP)
+    message = str(info.value)
+    assert "\n" not in message and "batch step of Slurm job 48214" in message and "SLURM_NTASKS=16" in message
+    assert "srun" in message
+
+
+def test_the_batch_step_may_start_torchrun_or_run_one_task():
+    # torchrun started from the batch script defines the world itself
+    env = DistEnv.from_environ({**SLURM_BATCH_STEP, **TORCHRUN_2})
+    assert (env.rank, env.world_size) == (1, 2)
+    # a one-task batch step is one rank, and so is `srun --ntasks=1` inside a 16-task allocation
+    assert DistEnv.from_environ({**SLURM_BATCH_STEP, "SLURM_NTASKS": "1"}).world_size == 1
+    step = {**SLURM_BATCH_STEP, "SLURM_STEP_ID": "3", "SLURM_STEP_NUM_TASKS": "1"}
+    assert DistEnv.from_environ(step).world_size == 1
+
+
+def test_slurm_ranks_export_the_torchrun_variables():
+    """DeepSpeed asserts LOCAL_RANK and reads RANK/WORLD_SIZE/MASTER_*: under srun only Slurm's exist."""
+    environ: dict[str, str] = {}
+    export_environ(DistEnv.from_environ(SLURM_2x4), environ)
+    assert environ == {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4",
+                       "MASTER_ADDR": "dgx03", "MASTER_PORT": str(port_for_job("48213"))}
+    # and what it exported reads back as the same rank
+    again = DistEnv.from_environ({**SLURM_2x4, **environ})
+    assert (again.rank, again.local_rank, again.world_size, again.master_addr) == (5, 1, 8, "dgx03")
+
+
 def test_array_job_id_is_recorded():
     env = DistEnv.from_environ({**SLURM_2x4, "SLURM_ARRAY_JOB_ID": "900", "SLURM_ARRAY_TASK_ID": "3"})
     assert env.job_id == "900_3"
@@ -72,7 +109,7 @@ def test_expand_nodelist(nodelist, hosts):
     ("patch", "names"),
     [
         ({"SLURM_PROCID": "8"}, "SLURM_PROCID"),
-        ({"SLURM_NTASKS": "zero"}, "SLURM_NTASKS"),
+        ({"SLURM_STEP_NUM_TASKS": "zero"}, "SLURM_STEP_NUM_TASKS"),
         ({"SLURM_JOB_NUM_NODES": "3"}, "SLURM_JOB_NUM_NODES"),
         ({"SLURM_NODEID": "2"}, "SLURM_NODEID"),
         ({"SLURM_JOB_NODELIST": "dgx[03-04"}, "SLURM_JOB_NODELIST"),
@@ -106,8 +143,7 @@ def test_init_distributed_two_gloo_ranks(tmp_path):
         "destroy_distributed()\n"
     )
     out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-         str(script)], capture_output=True, text=True, timeout=120,
+        [*torchrun(2), str(script)], capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["gloo 3.0", "gloo 3.0"]
@@ -121,7 +157,6 @@ def test_finish_process_ends_a_rank_with_its_code_and_output_flushed(tmp_path):
     import sys
 
     from hpc.env import finish_process
-    from tests.test_engine_dist import free_port
 
     assert finish_process(7) == 7  # this pytest process never joined a group: no exit
     script = tmp_path / "fin.py"
@@ -149,8 +184,7 @@ def test_finish_process_ends_a_rank_with_its_code_and_output_flushed(tmp_path):
         f"open(r'{tmp_path}/after%d' % env.rank, 'w')\n"
     )
     out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-         str(script)], capture_output=True, text=True, timeout=120,
+        [*torchrun(2), str(script)], capture_output=True, text=True, timeout=120,
     )
     assert out.returncode != 0
     assert "exitcode  : 5" in out.stderr, out.stderr[-2000:]

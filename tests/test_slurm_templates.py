@@ -1,6 +1,7 @@
 """Every sbatch template in slurm/ runs on the local Slurm with 2 ranks on 1 node (CPU, gloo), with its
-command swapped for `python -m hpc.selftest` through STROKE_TSS_CMD, and the ranks agree; the templates whose
-ranks srun starts requeue a run that exits with hpc.preempt.EXIT_CODE, once."""
+command swapped for `python -m hpc.selftest` through STROKE_TSS_CMD, and the ranks agree; the training
+templates requeue a run that saved on preemption (it leaves the flag file), once, whatever its exit code.
+Their real commands run on two nodes in tests/test_multinode_templates.py."""
 
 from __future__ import annotations
 
@@ -58,26 +59,28 @@ def test_every_template_runs_two_agreeing_ranks(slurm_cluster, tmp_path):
             assert summary["launcher"] == launcher and summary["backend"] == "gloo", (name, summary)
 
 
-# The rank command of the preemption test: the first run exits as a run saved on preemption does; the requeued
-# run (SLURM_RESTART_COUNT=1) succeeds. Every run leaves a line, so the test counts the runs.
+# The rank command of the preemption test: the first run saves "on preemption" (it creates the flag file, as
+# hpc.preempt.record_saved does) and exits 1, as torchrun reports a worker's exit 75; the requeued run
+# (SLURM_RESTART_COUNT=1) succeeds. Every run leaves a line, so the test counts the runs.
 PREEMPTED_ONCE = """#!/bin/bash
-echo "${SLURM_RESTART_COUNT:-0}" >> "$(dirname "$0")/runs-$SLURM_JOB_ID-${SLURM_PROCID:-0}.txt"
-if [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then exit "$(python -m hpc.preempt exit-code)"; fi
+echo "${SLURM_RESTART_COUNT:-0}" >> "$(dirname "$0")/runs-$SLURM_JOB_ID-${RANK:-${SLURM_PROCID:-0}}.txt"
+if [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then touch "$STROKE_TSS_PREEMPT_FILE"; exit 1; fi
 """
 
 
-# ddp_multinode is not here: torchrun reports a worker's exit status 75 as its own status 1, so that template
-# cannot requeue on the exit code; requeue is to follow the preemption flag instead (a later change).
-@pytest.mark.parametrize("name", ["deepspeed", "fold_array"])
-def test_a_run_that_exits_with_the_preemption_code_is_requeued_once(slurm_cluster, tmp_path, name):
+@pytest.mark.parametrize("name", ["ddp_multinode", "deepspeed", "fold_array"])
+def test_a_run_that_saved_on_preemption_is_requeued_once(slurm_cluster, tmp_path, name):
     options = [("--array=0" if o.startswith("--array") else o) for o in CASES[name][0]]  # one task is enough
     command = tmp_path / "preempted_once.sh"
     command.write_text(PREEMPTED_ONCE)
     env = dict(os.environ, STROKE_TSS_VENV=sys.prefix, NPROC_PER_NODE="2", STROKE_TSS_CMD=f"bash {command}")
     proc = subprocess.run(["sbatch", "--wait", "--partition=debug", "--nodes=1", "--time=15",
                            f"--output={tmp_path}/{name}-%j.log", *options, str(_edited_copy(name, tmp_path))],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=200)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=200)
     logs = "".join(p.read_text() for p in tmp_path.glob(f"{name}-*.log"))
     runs = sorted(p.read_text() for p in tmp_path.glob("runs-*.txt"))
     assert runs and all(r == "0\n1\n" for r in runs), (runs, proc.stdout, proc.stderr, logs)
     assert proc.returncode == 0, proc.stdout + proc.stderr + logs
+    # --open-mode=append: the log holds both attempts; the flag file is gone once the job completed
+    assert re.findall(r"attempt (\d)", logs) == ["1", "2"], logs
+    assert not list(tmp_path.glob(".preempt-*"))
