@@ -1,7 +1,9 @@
 """YAML files and `key.sub=value` overrides -> a validated `Config`, with errors that name key and source.
 
-A file may start from another with `extends: other.yaml` (path relative to the file); mappings merge key by
-key, anything else replaces. An override's value is typed by the schema: where the field declares one type
+A file may start from another with `extends: other.yaml` (one path, relative to the file); mappings merge key
+by key, anything else replaces. Reading is bounded, since a config may come from anyone: at most
+`MAX_CONFIG_BYTES` per file, `MAX_NODES` values once YAML aliases are expanded (a kilobyte of nested aliases
+would otherwise expand to gigabytes), nesting at most `MAX_DEPTH` deep. An override's value is typed by the schema: where the field declares one type
 (None aside), the text goes to pydantic as a string (`launch.account=12345` stays "12345",
 `train.optimizer.lr=1e-3` becomes 0.001); elsewhere (`model.options.*`, `variants.*`, a union such as
 `str | int | bool`) plain scalars resolve as in JSON (ints, floats, true/false, null, else a string).
@@ -75,21 +77,91 @@ def _blame(loc: tuple, source: str, overrides: dict[str, str]) -> str:
     return source
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""Largest config file read (1 MiB; ours are a few KB)."""
+MAX_NODES = 100_000
+"""Most values (scalars, lists, mappings) a YAML file may hold once its aliases are expanded."""
+MAX_DEPTH = 64
+"""Deepest nesting of lists and mappings in a YAML file."""
+
+
+class _TooBig(yaml.YAMLError):
+    """A YAML document past the bounds above."""
+
+
+class _Bounded(yaml.SafeLoader):
+    """SafeLoader that counts what the document expands to while composing it, before anything is built:
+    each alias adds the size of the node it repeats, so an alias bomb fails at its first levels."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._sizes: dict[int, int] = {}  # id(node) -> values under it, aliases expanded
+        self._open: list[int] = []  # running sizes of the nodes being composed
+        self._total = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            anchor = self.peek_event().anchor
+            node = self.anchors.get(anchor)
+            if node is not None:
+                if id(node) not in self._sizes:
+                    raise _TooBig(f"alias *{anchor} repeats a node that holds it (a recursive structure)")
+                self._count(self._sizes[id(node)])
+            return super().compose_node(parent, index)
+        if len(self._open) >= MAX_DEPTH:
+            raise _TooBig(f"nesting deeper than {MAX_DEPTH} levels")
+        self._open.append(0)
+        node = super().compose_node(parent, index)
+        size = 1 + self._open.pop()
+        self._sizes[id(node)] = size
+        self._count(1, own=size - 1)
+        return node
+
+    def _count(self, size: int, *, own: int = 0) -> None:
+        """Add a value of ``size`` to the node being composed; ``own`` of it is already counted."""
+        if self._open:
+            self._open[-1] += size + own
+        self._total += size
+        if self._total > MAX_NODES:
+            raise _TooBig(f"more than {MAX_NODES} values once its aliases are expanded")
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The YAML document in ``path``, read within the bounds above; one-line `UserError` otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist; pass a YAML file such as configs/tss2d.yaml")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise UserError(f"{path}: {path.stat().st_size} bytes, more than a config may hold ({MAX_CONFIG_BYTES}); "
+                        "pass the YAML config itself")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); pass a YAML config") from None
+    try:
+        return yaml.load(text, Loader=_Bounded)  # a SafeLoader: no tags beyond plain data
+    except _TooBig as exc:
+        raise UserError(f"{path}: refused as a config: {exc}; a config is a few hundred values, write them out "
+                        "plainly") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+
+
 def read_yaml_tree(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """A config file with the files it `extends` merged under it."""
     path = path.resolve()
     if path in _seen:
         raise UserError(f"{path}: 'extends' forms a cycle through {', '.join(map(str, _seen))}")
-    if not path.is_file():
-        raise UserError(f"config file {path} does not exist; pass a YAML file such as configs/tss2d.yaml")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: the top level must be a mapping of config keys")
     parent = data.pop("extends", None)
     if parent is None:
         return data
+    if not isinstance(parent, str) or not parent.strip():
+        got = f"a {type(parent).__name__}" if not isinstance(parent, str) else "an empty string"
+        raise UserError(f"{path}: 'extends' takes one file path (a string such as 'extends: tss2d.yaml'), got {got}; "
+                        "to combine several files, let each extend the one before")
     return merge(read_yaml_tree(path.parent / parent, (*_seen, path)), data)
 
 
@@ -125,8 +197,9 @@ class _Plain(str):
     """An unquoted scalar of an override, still to be typed."""
 
 
-class _ValueLoader(yaml.SafeLoader):
-    """YAML flow collections whose scalars all stay strings, unquoted ones marked `_Plain`."""
+class _ValueLoader(_Bounded):
+    """YAML flow collections whose scalars all stay strings, unquoted ones marked `_Plain` (bounded like a file:
+    an override may hold aliases too)."""
 
 
 _ValueLoader.yaml_implicit_resolvers = {}  # no YAML 1.1 guessing (1e-3 a string, 0755 octal, yes a bool)
