@@ -66,6 +66,10 @@ def safe_load(path: str | Path, *, map_location: Any = None, allow: Sequence[typ
         raise CheckpointError(f"{path} does not exist; {fix}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (a save cut short?); {fix}")
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch's zip format, or its legacy pickle stream
+        raise CheckpointError(f"{path} is not a file torch.save wrote (it starts with {head!r}); {fix}")
     try:
         with torch.serialization.safe_globals(list(allow)):
             return torch.load(path, map_location=map_location, weights_only=True)

@@ -67,8 +67,8 @@ def fold_config(phase_path: Path) -> dict:
 
 
 def _phase_task(path: Path) -> str | None:
-    blob = torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
-    if isinstance(blob, dict) and blob.get("task"):
+    blob = load_weights(path / "weights.pt")
+    if blob.get("task"):
         return str(blob["task"])  # the trainer records it next to the weights
     pred = path / "predictions.csv"
     if pred.is_file():

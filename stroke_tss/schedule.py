@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from data_prep.store import Store, open_store
+from hpc.checkpoint import safe_load
 from stroke_tss.adaptive import adapt_phase
 from stroke_tss.config import Config, dump_config, merge, validate
 from stroke_tss.config.training import PhaseSection
@@ -25,7 +26,7 @@ from stroke_tss.models.external import load_encoder_weights, load_torchvision_re
 from stroke_tss.splits import ensure_splits, fold_of
 from stroke_tss.tasks import LABEL_AUGMENTATIONS, get_task, task_samples
 from stroke_tss.train import train_phase
-from stroke_tss.weights import load_weights
+from stroke_tss.weights import check_weights, fit_weights, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +50,16 @@ def build_phase_model(cfg: Config, store: Store, *, init: str, phase_dirs: dict[
     if init == "random":
         return model
     if init in phase_dirs:
-        model.load_state_dict(load_weights(phase_dirs[init] / "weights.pt")["state_dict"])
+        source = phase_dirs[init] / "weights.pt"
+        blob = load_weights(source)
+        fit_weights(model, blob["state_dict"], source=source, made_for=blob.get("model"))
         return model
     source = run_dir / "genesis" / "weights.pt" if init == "genesis" else Path(init)
     if init == "genesis" and not source.is_file():
         raise UserError(f"init: genesis needs {source}; run `stroke-tss pretrain CONFIG` first")
     own = _own_weights(source, cfg.model.name)
     if own is not None:  # a phase of this package, e.g. `adapt --source RUN/.../weights.pt`
-        model.load_state_dict(own)
+        fit_weights(model, own, source=source)
         return model
     if cfg.model.name == "slicewise2d":
         load_torchvision_resnet18(model, source)
@@ -66,15 +69,12 @@ def build_phase_model(cfg: Config, store: Store, *, init: str, phase_dirs: dict[
 
 
 def _own_weights(path: Path, model_name: str) -> dict | None:
-    """The state dict of a stroke-tss weights.pt of the same model; None for any other file."""
+    """The state dict of a stroke-tss weights.pt of the same model (digest checked); None for any other file."""
     if not path.is_file():
         return None
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError) as exc:  # a truncated file: name it instead of torch's zip error
-        raise UserError(f"init weights {path} are unreadable ({exc}); replace the file or re-run its phase") from None
+    data = safe_load(path, map_location="cpu", fix="replace the file or re-run the phase that wrote it")
     if isinstance(data, dict) and data.get("model") == model_name and "state_dict" in data:
-        return data["state_dict"]
+        return check_weights(data, path)["state_dict"]
     return None
 
 
