@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from monai.visualize import GradCAM
 from torch import nn
 
+from data_prep.paths import subject_path
 from stroke_tss.errors import UserError
 from stroke_tss.predict import fold_config, hemisphere_input, load_model
 from stroke_tss.tasks import SIDES
@@ -210,13 +211,14 @@ def explain_subject(weights: str | Path, store, sid: str, *, out_dir: str | Path
     heat = subject_map(model, store, sid, method=method, layer=layer, channels=(cfg.get("data") or {}).get("channels"),
                        intensity=(cfg.get("train") or {}).get("intensity", "zscore"))
     out = Path(out_dir)
+    tail = f"_{method}" + (f"_{layer}" if layer else "")
+    nifti, png = subject_path(out, sid, f"{tail}.nii.gz"), subject_path(out, sid, f"{tail}.png")
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{sid}_{method}" + (f"_{layer}" if layer else "")
     lesion, brain = store.lesion(sid), store.brain(sid)
     background = store.volume(sid)[store.channels.index("dwi") if "dwi" in store.channels else 0]
     result = {"subject_id": sid, "method": method, "layer": layer, "weights": str(weights),
-              "nifti": str(save_nifti(heat, store.affine, out / f"{stem}.nii.gz")),
-              "png": str(save_montage(background, heat, lesion, out / f"{stem}.png", title=f"{sid} {method}"))}
+              "nifti": str(save_nifti(heat, store.affine, nifti)),
+              "png": str(save_montage(background, heat, lesion, png, title=f"{sid} {method}"))}
     if lesion is not None:
         result["overlap"] = overlap_score(heat, lesion, brain, top=top)
         result["hemispheres"] = hemisphere_scores(heat, lesion, brain, top=top)

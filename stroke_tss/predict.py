@@ -20,6 +20,7 @@ import yaml
 from torch import nn
 
 from data_prep.build import prep
+from data_prep.cohort import read_manifest
 from data_prep.config import PrepConfig
 from data_prep.store import create_or_extend, open_store, set_reference_histogram
 from stroke_tss.data import StoreDataset
@@ -186,22 +187,25 @@ def _known_side(store, sid: str) -> str:
     return side if side in SIDES else "left"
 
 
-def prep_like_training(run: str | Path, manifest: str | Path, *, workers: int = 2) -> Path:
+def prep_like_training(run: str | Path, manifest: str | Path, *, workers: int = 2) -> tuple[Path, dict[str, str]]:
     """Preprocess new subjects into RUN/predict/<manifest>-<hash>/ with the training store's grid, config and
-    reference histogram (seeded into the new store before `prep`, which then reuses it)."""
+    reference histogram (seeded into the new store before `prep`, which then reuses it).
+
+    Returns the store and the subjects that failed (id or manifest line -> one line); the others are in it."""
     trained = store_path([run])
     if trained is None:
         raise UserError(f"{run}/config.yaml names no data.store; cannot preprocess like the training data")
     attrs = open_store(trained).attrs
     config = PrepConfig.model_validate(attrs["prep_config"])
     manifest = Path(manifest)
+    cohort = read_manifest(manifest, channels=config.channels)  # a bad file raises before anything is written
+    if not cohort.rows:
+        raise UserError(f"{manifest}: no subject passed validation: {'; '.join(cohort.errors[:3])}")
     digest = hashlib.sha1(manifest.read_bytes() + config.config_hash().encode()).hexdigest()[:10]
     out = Path(run) / "predict" / f"{manifest.stem}-{digest}"
     if not (out / "zarr.json").exists():
         create_or_extend(out, config=config, subject_ids=[])
         if attrs.get("reference_histogram"):
             set_reference_histogram(out, attrs["reference_histogram"])
-    result = prep(manifest, out, config=config, workers=workers)
-    if getattr(result, "failed", None):
-        raise UserError(f"{manifest}: preprocessing failed for {result.failed}; see {out}/failures.csv")
-    return out
+    result = prep(cohort, out, config=config, workers=workers)
+    return out, result.failed

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from data_prep.paths import subject_path
 from data_prep.store import open_store
 from stroke_tss.errors import UserError
 from stroke_tss.explain import explain_subject
@@ -37,6 +38,6 @@ def main(args: argparse.Namespace) -> int:
     if store is None:
         raise UserError(f"{args.run}/config.yaml names no data.store; pass --store")
     result = explain_subject(chosen[0].path / "weights.pt", open_store(store), args.subject, method=args.method,
-                             layer=args.layer, out_dir=args.out or args.run / "explain" / args.subject)
+                             layer=args.layer, out_dir=args.out or subject_path(args.run / "explain", args.subject))
     print(json.dumps(result, indent=2))
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from data_prep.store import open_store
@@ -22,10 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    data = args.data
+    data, failed = args.data, {}
     if data.suffix.lower() == ".csv":
-        data = prep_like_training(args.run, data, workers=args.workers)
+        data, failed = prep_like_training(args.run, data, workers=args.workers)
     store = open_store(data)
+    if not store.subject_ids:
+        raise UserError(f"{args.data}: no subject could be preprocessed: {'; '.join(list(failed.values())[:3])}")
     missing = [s for s in args.subjects or [] if s not in store.subject_ids]
     if missing:
         raise UserError(f"subject(s) {', '.join(missing)} not in {data}; it holds {len(store.subject_ids)} subjects")
@@ -36,4 +39,9 @@ def main(args: argparse.Namespace) -> int:
         print(args.out)
     else:
         print(table.to_csv(index=False), end="")
-    return 0
+    # the subjects that could not be scored are said, not dropped: the table holds the others
+    for line in failed.values():
+        print(f"not predicted: {line}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} subject(s) not predicted; see {data / 'failures.csv'}", file=sys.stderr)
+    return 1 if failed else 0

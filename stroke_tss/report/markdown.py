@@ -65,6 +65,8 @@ def write_report(runs: list[str | Path], *, out_dir: str | Path | None = None, s
     """Write report.md, report.csv and PNGs into `out_dir` (default: the first run); returns report.md."""
     runs = [Path(r) for r in runs]
     out = Path(out_dir) if out_dir is not None else runs[0]
+    if store is not None:
+        open_store(store)  # a store asked for by name must be one: refused (StoreError) before anything is written
     pred = collect_predictions(runs)  # before mkdir: a mistyped run folder is refused, not created
     out.mkdir(parents=True, exist_ok=True)
     order = schedule_order(runs)
