@@ -130,7 +130,6 @@ def test_inconsistent_torchrun_variables_raise():
 def test_init_distributed_two_gloo_ranks(tmp_path):
     """Two real processes join through init_distributed and all_reduce."""
     import subprocess
-    import sys
 
     script = tmp_path / "ar.py"
     script.write_text(
@@ -154,7 +153,6 @@ def test_finish_process_ends_a_rank_with_its_code_and_output_flushed(tmp_path):
     """A rank leaves through finish_process: its exit code reaches torchrun, buffered output is not lost, and
     nothing after the call runs. A process that never joined a group just gets its code back."""
     import subprocess
-    import sys
 
     from hpc.env import finish_process
 
