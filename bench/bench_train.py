@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -82,16 +81,11 @@ def _train_vs_bare(tmp: Path) -> dict:
                       f"alternating rounds), {n} samples, slicewise2d w8"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(world: int, out: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), "--master-port",
-           str(_free_port()), __file__, str(out)]
+    # --standalone: the rendezvous store binds port 0, no port is probed free and then taken by someone else
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
+           __file__, str(out)]
     subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, timeout=900)
     return json.loads(out.read_text())
 
