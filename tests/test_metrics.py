@@ -119,16 +119,6 @@ def test_bootstrap_resamples_subjects_and_covers_the_estimate():
     assert ci["auc"] == pytest.approx(tuple(np.percentile(aucs, [2.5, 97.5])))
 
 
-def test_ten_thousand_resamples_are_fast():
-    import time
-
-    y, p = _data(n=400, seed=2)
-    start = time.perf_counter()
-    ci = bootstrap_ci(y, p, np.arange(400) // 2, threshold=0.5, num_resamples=10_000)
-    assert time.perf_counter() - start < 20
-    assert ci["auc"][0] < ci["auc"][1]
-
-
 def _fold(seed):
     y, p = _data(n=40, seed=seed)
     split = np.where(np.arange(40) < 20, "val", "test")
