@@ -57,6 +57,7 @@ def install(name: str | None = None, *, prefix: str = "HPC") -> signal.Signals:
     """Route the preemption signal to the flag; keeps submitit's handler (if any) for the requeue.
 
     ``prefix`` names the environment variable of the flag file, ``{prefix}_PREEMPT_FILE`` (see `requested`).
+    The first install clears the flag; installing again keeps a signal that arrived in between.
     """
     _file_var["name"] = f"{prefix}_PREEMPT_FILE"
     sig = signal_number(name)
@@ -65,7 +66,8 @@ def install(name: str | None = None, *, prefix: str = "HPC") -> signal.Signals:
     if owner is not None and type(owner).__module__.startswith("submitit"):
         _submitit_handler["handler"] = previous
     signal.signal(sig, _on_signal)
-    _flag["signum"] = None
+    if previous is not _on_signal:
+        _flag["signum"] = None
     return sig
 
 

@@ -2,6 +2,7 @@
 
 pytest_plugins = [
     "tests.fixtures.slurm",
+    "tests.fixtures.multinode",
     "tests.fixtures.data",
     "tests.fixtures.torch_threads",
     "tests.fixtures.runs",

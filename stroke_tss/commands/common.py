@@ -42,6 +42,9 @@ def load_with_executor(args: argparse.Namespace) -> Config:
 @contextmanager
 def ranks(cfg: Config) -> Iterator[DistEnv]:
     """This process as a rank of the job (one rank outside torchrun/srun), with logging and threads set up."""
+    # The handler goes in before anything slow: a USR2 that finds no handler ends the process (the templates
+    # start ranks with USR2 ignored until here).
+    preempt.install(prefix=PREEMPT_PREFIX)
     try:
         env = init_distributed(timeout_s=cfg.engine.timeout_s)
     except ValueError as exc:  # the launcher's variables describe a world that cannot exist
@@ -68,12 +71,35 @@ def _log_world(env: DistEnv) -> None:
 
 
 def run_preemptible(verb: str, work: Callable[[], object]) -> int:
-    """Run `work` with the preemption flag installed; after a save on preemption, exit with hpc's code."""
+    """Run `work` with the preemption flag installed; after a save on preemption, exit with hpc's code.
+
+    A rank that loses its peers (a node died, a rank was killed) ends with one line saying so, exit 1.
+    """
     preempt.install(prefix=PREEMPT_PREFIX)
     try:
         work()
     except preempt.Preempted as exc:
         preempt.record_saved()  # the batch script requeues on the flag file, whatever exit code reaches it
+        preempt.clear()
         print(f"stroke-tss {verb}: {exc}; run the same command again to resume", file=sys.stderr)
         return preempt.EXIT_CODE
+    except Exception as exc:
+        if not _lost_peer(exc):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"stroke-tss {verb}: lost contact with another rank ({first}); its node or process may have "
+              "died. Submit the job again (Slurm requeues it by itself after a node failure): it resumes from "
+              "the last complete checkpoint", file=sys.stderr)
+        return 1
     return 0
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    """Whether `exc` is a collective that failed because a peer went away (gloo/NCCL/c10d errors and timeouts)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    if isinstance(exc, dist.DistError):
+        return True
+    # gloo raises a plain RuntimeError: "[.../gloo/transport/tcp/pair.cc:537] Read error [10.213.77.12]:44774:
+    # Connection reset by peer", or "... Timed out waiting 60000ms for recv operation to complete"
+    return isinstance(exc, RuntimeError) and any(key in str(exc) for key in ("gloo/transport", "NCCL", "ProcessGroup"))
