@@ -1,4 +1,4 @@
-"""Every bad input of issue 3 through `prep` on top of a finished store: one line naming subject, file and
+"""Every bad image of issues 3 and 16 through `prep` on top of a finished store: one line naming subject, file and
 field (in the result and STORE/failures.csv), the build goes on, and no finished subject is lost."""
 
 from __future__ import annotations
@@ -80,9 +80,19 @@ def _run_and_check(manifest: Path, store: Path, client, *, subject: str, field: 
     return line
 
 
+def _set_sform(path: Path, srow: np.ndarray) -> None:
+    """Write the header's sform as given (nibabel refuses to build an image from a singular affine)."""
+    img = nib.load(str(path))
+    header = img.header.copy()
+    header["sform_code"], header["qform_code"] = 1, 0
+    header["srow_x"], header["srow_y"], header["srow_z"] = srow
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), None, header=header), str(path))
+
+
 @pytest.mark.parametrize(("kind", "words"), [
     ("truncated", "truncated or corrupt gzip"), ("text", "not a NIfTI"), ("nan", "NaN/Inf"),
     ("zero", "all-zero volume"), ("4d", "expected a 3D volume"),
+    ("zero_affine", "affine is singular"), ("flat_affine", "affine is singular"),
 ])
 def test_bad_image_fails_its_subject_only(kind, words, tiny_cohort, store, client, tmp_path) -> None:
     manifest = _manifest(tiny_cohort, tmp_path)
@@ -98,6 +108,10 @@ def test_bad_image_fails_its_subject_only(kind, words, tiny_cohort, store, clien
         _edit_image(path, lambda d, a: (np.zeros_like(d), a))
     elif kind == "4d":
         _edit_image(path, lambda d, a: (np.stack([d, d], -1), a))
+    elif kind == "zero_affine":
+        _set_sform(path, np.zeros((3, 4)))
+    elif kind == "flat_affine":  # one voxel axis collapsed to 0 mm
+        _set_sform(path, np.diag([4.0, 4.0, 0.0, 1.0])[:3])
     _run_and_check(manifest, store, client, subject=BAD, field="flair", file=path, words=words)
 
 
