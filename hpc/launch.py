@@ -26,6 +26,7 @@ from hpc.launch_config import LaunchConfig
 log = logging.getLogger(__name__)
 
 State = Literal["done", "failed", "submitted"]
+_MAX_FORCE_EVERY_S = 60.0
 
 
 @dataclass
@@ -186,9 +187,15 @@ def _wait(jobs, results, pending, *, fn, items, out_dirs, names, executor, confi
     total = len(items)
     unfinished = set(range(len(jobs)))
     status = _StatusLine(total)
+    # A finished job is seen from its result file at every poll; only a job that died without one needs the
+    # scheduler (sacct). Those checks back off from poll_s to once a minute: a run of hours asks a few
+    # hundred times, not every poll_s.
+    force_every, force_at = poll_s, 0.0
     while unfinished or pending:
-        if unfinished:  # one forced poll refreshes every job of the array (one sacct call)
+        if unfinished and time.monotonic() >= force_at:  # one forced poll refreshes the whole array (one sacct)
             jobs[min(unfinished)].done(force_check=True)
+            force_at = time.monotonic() + force_every
+            force_every = min(2 * force_every, _MAX_FORCE_EVERY_S)
         ready = [i for i in sorted(unfinished) if jobs[i].done()]
         for i in ready:
             unfinished.discard(i)

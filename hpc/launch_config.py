@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class LaunchConfig(BaseModel):
@@ -45,3 +45,15 @@ class LaunchConfig(BaseModel):
     """Further sbatch options without the dashes, e.g. {qos: high, constraint: a100}."""
     setup: list[str] = Field(default_factory=list)
     """Shell lines run before each item (module load ..., source venv/bin/activate)."""
+
+    @field_validator("tasks_per_node", "nodes")
+    @classmethod
+    def _one_process_off_slurm(cls, value: int, info: ValidationInfo) -> int:
+        # submitit's local executor starts tasks_per_node copies that never form a process group (each is a
+        # world of one) and all write the item's folder; nodes mean nothing on this machine.
+        executor = info.data.get("executor", "local")
+        if value > 1 and executor != "slurm":
+            raise ValueError(f"launch.executor={executor} runs each item as one process, so {info.field_name}="
+                             f"{value} would start unconnected copies writing one folder; set "
+                             f"launch.{info.field_name}=1, or use launch.executor=slurm")
+        return value

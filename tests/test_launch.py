@@ -174,3 +174,114 @@ def test_preempted_item_saves_requeues_and_resumes(slurm_cluster, tmp_path):
     assert [v["resumed_from"] for v in values] == [starts[1]] * 2
     saved = [json.loads((tmp_path / "fold-0" / f"rank{r}.json").read_text())["step"] for r in (0, 1)]
     assert saved[0] == saved[1] == starts[1], "ranks must agree on the step they saved at"
+
+
+def test_an_item_of_several_processes_needs_slurm():
+    """submitit's local executor starts tasks_per_node copies that never join one process group and all write
+    the item's folder: refused in one line that names the key and what to do."""
+    from stroke_tss.config import load_config
+    from stroke_tss.errors import UserError
+
+    for key in ("tasks_per_node", "nodes"):
+        with pytest.raises(pydantic.ValidationError, match=f"{key}=2 would start unconnected copies"):
+            LaunchConfig(executor="local", **{key: 2})
+    assert LaunchConfig(executor="slurm", tasks_per_node=2, nodes=2).nodes == 2
+    with pytest.raises(UserError) as info:
+        load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml", ["launch.tasks_per_node=4"])
+    assert str(info.value).startswith("override launch.tasks_per_node=4: config key 'launch.tasks_per_node': ")
+    assert "set launch.tasks_per_node=1, or use launch.executor=slurm" in str(info.value)
+
+
+def test_the_preemption_poll_reads_the_flag_file_every_few_seconds_not_every_step(tmp_path, monkeypatch):
+    flag = tmp_path / "preempt-flag"
+    monkeypatch.setenv("HPC_PREEMPT_FILE", str(flag))
+    looks = []
+    real_exists = os.path.exists
+    monkeypatch.setattr(preempt.os.path, "exists", lambda p: looks.append(p) or real_exists(p))
+    preempt.install()
+    try:
+        poll = preempt.Poll(file_every_s=0.5)
+        assert not any(poll() for _ in range(10_000))
+        assert len(looks) == 1, "one look at the shared filesystem, not one per step"
+        flag.touch()
+        time.sleep(0.6)
+        assert poll(), "the file is seen once file_every_s has passed"
+    finally:
+        preempt.clear()
+
+
+_POLL_RANK = """
+import json, sys, time, torch
+from hpc import preempt
+from hpc.env import init_distributed, destroy_distributed
+env = init_distributed(timeout_s=60)
+preempt.install()
+poll = preempt.Poll()
+if env.rank == 1:
+    time.sleep(2.0)  # a slow rank
+start = time.monotonic()
+first = poll()
+first_s = time.monotonic() - start
+seen = []
+for step in range(1, 8):
+    if env.rank == 1 and step == 3:
+        preempt.request()  # the signal reaches one rank only
+    if poll():
+        seen.append(step)
+        break
+poll.close()
+json.dump({"first": first, "first_s": first_s, "seen": seen}, open(sys.argv[1] % env.rank, "w"))
+destroy_distributed()
+"""
+
+
+@pytest.mark.integration
+def test_the_preemption_poll_never_holds_a_rank_and_all_ranks_agree(tmp_path):
+    """Two gloo ranks: the poll does not make rank 0 wait for a slow rank 1 (the agreement runs in the
+    background), and a signal that reached rank 1 alone at step 3 is seen by both ranks at step 4."""
+    import socket
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = tmp_path / "poll.py"
+    script.write_text(_POLL_RANK)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(port), str(script), str(tmp_path / "rank%d.json")],
+                          cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["first"] is False and ranks[0]["first_s"] < 1.0, ranks[0]
+    assert ranks[0]["seen"] == ranks[1]["seen"] == [4], ranks
+
+
+_COUNTING_SACCT = """#!/bin/bash
+echo x >> "{count}"
+exec "{shim}" "$@"
+"""
+
+
+@pytest.mark.slurm
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_waiting_for_an_item_asks_the_scheduler_with_back_off(slurm_cluster, tmp_path, monkeypatch):
+    """A finished item is seen from its result file; the scheduler (sacct) is asked with back-off, not at every
+    poll: a 15 s item polled every 0.2 s costs a dozen sacct calls, not 75."""
+    bin_dir, count = tmp_path / "bin", tmp_path / "sacct-calls"
+    bin_dir.mkdir()
+    (bin_dir / "sacct").write_text(_COUNTING_SACCT.format(
+        count=count, shim=Path(slurm_cluster.env["STROKE_TSS_SLURM_BIN"]) / "sacct"))
+    (bin_dir / "sacct").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir), prepend=os.pathsep)
+    config = LaunchConfig(executor="slurm", partition="debug", time_min=5)
+    (result,) = launch_items(_sleep_then_double, [15], config=config, folder=tmp_path / "items", names=["slow"],
+                             poll_s=0.2)
+    assert result.ok and result.value == 30
+    calls = len(count.read_text().splitlines())
+    assert 1 <= calls <= 15, f"{calls} sacct calls while waiting 15 s"
+
+
+def _sleep_then_double(item: int, out_dir: Path) -> int:
+    time.sleep(item)
+    return 2 * item
