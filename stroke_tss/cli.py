@@ -32,6 +32,7 @@ VERBS: dict[str, str] = {
     "report": "Table-2 report, ROC/learning/calibration plots, DeLong, readers and baselines from run folders.",
     "explain": "Grad-CAM / attention maps of one subject: NIfTI on the store's grid, PNG montage, lesion overlap.",
     "predict": "Probability of TSS < 4.5 h (and < 3 h), lesion hemisphere and decision for new subjects.",
+    "verify": "Check a store or a run folder end to end: what is damaged, by subject or phase, and what to re-run.",
 }
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from stroke_tss.commands.common import ranks, run_preemptible
 from stroke_tss.config import load_config
-from stroke_tss.runs.folder import check_store
+from stroke_tss.runs.folder import check_run_folder, write_run_files
 from stroke_tss.runs.pretrain import pretrain_run
 
 
@@ -18,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    check_store(cfg)
-    with ranks(cfg):
+    check_run_folder(cfg)  # every rank, before anything is written
+    with ranks(cfg) as env:
+        if env.is_main:
+            # the folds that start from RUN/genesis/ must come from the config that made it
+            write_run_files(cfg, provenance={"world_size": env.world_size})
         return run_preemptible("pretrain", lambda: print(pretrain_run(cfg)))

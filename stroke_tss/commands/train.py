@@ -6,10 +6,9 @@ import argparse
 from pathlib import Path
 
 from stroke_tss.commands.common import ranks, run_preemptible
-from stroke_tss.config import dump_config, load_config
+from stroke_tss.config import load_config
 from stroke_tss.errors import UserError
-from stroke_tss.runs.folder import check_store
-from stroke_tss.runs.provenance import write_provenance
+from stroke_tss.runs.folder import check_run_folder, write_run_files
 from stroke_tss.schedule import run_fold
 
 
@@ -25,9 +24,8 @@ def main(args: argparse.Namespace) -> int:
     for name in args.variant or []:
         if name not in cfg.variants:
             raise UserError(f"--variant {name}: not in {args.config} (variants: {', '.join(cfg.variants)})")
-    check_store(cfg)
+    check_run_folder(cfg)  # every rank, before anything is written
     with ranks(cfg) as env:
         if env.is_main:
-            dump_config(cfg, Path(cfg.run.dir) / "config.yaml")
-            write_provenance(Path(cfg.run.dir), store=Path(cfg.data.store), extra={"world_size": env.world_size})
+            write_run_files(cfg, provenance={"world_size": env.world_size})
         return run_preemptible("train", lambda: run_fold(cfg, fold=args.fold, variants=args.variant))
