@@ -190,3 +190,27 @@ def test_finish_process_ends_a_rank_with_its_code_and_output_flushed(tmp_path):
     assert [(tmp_path / f"rank{r}.log").read_text().strip() for r in (0, 1)] == \
         ["rank 0 logged", "rank 1 logged"]
     assert not list(tmp_path.glob("after*"))
+
+
+@pytest.mark.integration
+def test_train_in_the_batch_step_of_a_multi_task_allocation_is_one_line_not_a_hang(tmp_path):
+    """`stroke-tss train` typed into a 4-task batch script without srun: refused at once, exit 2, one line."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.test_data import make_store
+
+    store = make_store(tmp_path / "store.zarr", num_subjects=8)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE"))}
+    env.update({**SLURM_BATCH_STEP, "SLURM_NTASKS": "4", "SLURM_JOB_NUM_NODES": "1",
+                "SLURM_JOB_NODELIST": "localhost", "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run([sys.executable, "-m", "stroke_tss", "train", "configs/tiny.yaml", "--fold", "0",
+                           f"data.store={store}", f"run.dir={tmp_path / 'run'}", "engine.timeout_s=20"],
+                          cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        "stroke-tss train: error: this process is the batch step of Slurm job 48214 (SLURM_NTASKS=4, no "
+        "SLURM_STEP_ID): it is one process, and the other ranks would never join; start the ranks with srun "
+        "(see slurm/*.sbatch), or run one process with `srun --ntasks=1 ...`"]
