@@ -101,18 +101,39 @@ def _make_client(cluster, workers: int, cluster_options: dict | None, log_dir: P
         client = Client(lc)
         return client, [client, lc]
     if cluster == "slurm":
+        import dask
         from dask_jobqueue import SLURMCluster
 
-        # worker job logs go next to the store, not into whatever folder prep was started from
+        # worker job logs go next to the store, not into whatever folder prep was started from; scheduler
+        # options of the user's Dask config (e.g. jobqueue.slurm.scheduler-options.interface: ib0) are kept
+        scheduler = {**(dask.config.get("jobqueue.slurm.scheduler-options", None) or {}), "dashboard_address": ":0"}
         opts = {"cores": 1, "processes": 1, "memory": "4GB", "walltime": "01:00:00", "log_directory": str(log_dir),
-                "scheduler_options": {"dashboard_address": ":0"},
+                "scheduler_options": scheduler,
                 "job_script_prologue": [f"export {k}={v}" for k, v in env.items()], **(cluster_options or {})}
+        # Each worker retires (its tasks move elsewhere) before Slurm's time limit would kill it, and adapt
+        # submits a new job for it: a build longer than one walltime finishes, with at most `workers` jobs.
+        lifetime, stagger = _worker_lifetime(opts["walltime"])
+        opts["worker_extra_args"] = [*opts.get("worker_extra_args", []), "--lifetime", f"{lifetime}s",
+                                     "--lifetime-stagger", f"{stagger}s"]
         sc = SLURMCluster(**opts)
-        sc.scale(jobs=workers)
+        sc.adapt(minimum_jobs=1, maximum_jobs=workers)
         client = Client(sc)
         client.wait_for_workers(1, timeout=300)
         return client, [client, sc]
     raise InputError(f"cluster must be 'local' or 'slurm', got {cluster!r}")
+
+
+def _worker_lifetime(walltime: str) -> tuple[int, int]:
+    """(lifetime, stagger) in seconds for a worker job of `walltime` ([D-]HH:MM:SS or MM:SS): it retires with
+    a margin of a fifth of the walltime (at most 5 min) plus the stagger (1/20, at most 2 min) to spare."""
+    days, _, clock = walltime.rpartition("-")
+    try:
+        parts = [int(p) for p in clock.split(":")]
+        seconds = int(days or 0) * 86400 + sum(v * 60 ** i for i, v in enumerate(reversed(parts)))
+    except ValueError:
+        raise InputError(f"walltime {walltime!r} is not [D-]HH:MM:SS; pass e.g. --walltime 01:00:00") from None
+    margin, stagger = min(300, seconds // 5), min(120, seconds // 20)
+    return max(10, seconds - margin - stagger), stagger
 
 
 def prep(manifest: str | Path | Manifest, store: str | Path, *, config: PrepConfig | None = None,

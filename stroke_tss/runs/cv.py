@@ -3,6 +3,9 @@
     run_cv(cfg)  ->  config + provenance  ->  splits.json once  ->  Models Genesis once (if a variant needs it)
                  ->  one array of unfinished (variant, fold) items  ->  RUN/summary.json
 
+On Slurm, Genesis is a job of its own and the array depends on it (afterok), so `cv --no-wait` returns at
+once; the local executors run it first and wait.
+
 Everything resumes from the run folder: a finished phase is skipped, a started one continues from its
 latest checkpoint, so re-running `cv` (or a requeue) only redoes what is missing.
 """
@@ -80,11 +83,24 @@ def run_cv(cfg: Config, *, wait: bool = True, variants: list[str] | None = None)
     run_dir = prepare_run(cfg)
     config = cfg.model_dump(mode="json")
     jobs_dir = run_dir / "jobs"
+    fold_launch = cfg.launch
+    genesis_job = None
     if needs_genesis(cfg, variants) and not (run_dir / "genesis" / "weights.pt").is_file():
-        log.info("Models Genesis pretraining first (once for the run)")
-        [res] = launch_items(GenesisTask(config), ["genesis"], config=cfg.launch, folder=jobs_dir, names=["genesis"])
-        if not res.ok:
-            raise UserError(f"Models Genesis pretraining failed: {res.error}; log: {res.log}")
+        if cfg.launch.executor == "slurm":
+            # Its own job, which the fold array waits for in Slurm (afterok): nothing here has to wait, and a
+            # preempted Genesis is requeued under the same id while the folds keep waiting.
+            [res] = launch_items(GenesisTask(config), ["genesis"], config=cfg.launch, folder=jobs_dir,
+                                 names=["genesis"], wait=False)
+            genesis_job = res.job_id
+            log.info("Models Genesis pretraining is job %s; the folds wait for it (afterok)", genesis_job)
+            fold_launch = cfg.launch.model_copy(update={"slurm_extra": {
+                **cfg.launch.slurm_extra, "dependency": f"afterok:{genesis_job}", "kill_on_invalid_dep": "yes"}})
+        else:
+            log.info("Models Genesis pretraining first (once for the run)")
+            [res] = launch_items(GenesisTask(config), ["genesis"], config=cfg.launch, folder=jobs_dir,
+                                 names=["genesis"])
+            if not res.ok:
+                raise UserError(f"Models Genesis pretraining failed: {res.error}; log: {res.log}")
     items = fold_items(cfg, variants)
     todo = [item for item in items if not item_done(cfg, item)]
     if not wait and cfg.launch.executor == "local" and cfg.launch.array_parallelism < len(todo):
@@ -98,13 +114,18 @@ def run_cv(cfg: Config, *, wait: bool = True, variants: list[str] | None = None)
         log.info("submitting %d of %d (variant, fold) items through the %s executor", len(todo),
                  len(items), cfg.launch.executor)
         try:
-            results = launch_items(FoldTask(config), todo, config=cfg.launch, folder=jobs_dir,
+            results = launch_items(FoldTask(config), todo, config=fold_launch, folder=jobs_dir,
                                    names=[item.name for item in todo], wait=wait)
         except ValueError as exc:  # the scheduler refused the submission: nothing was submitted
             raise UserError(str(exc)) from None
         for res in results:
             if res.state == "failed":
                 log.error("%s failed: %s (log: %s)", res.name, res.error, res.log)
+    if wait and genesis_job is not None and not (run_dir / "genesis" / "weights.pt").is_file():
+        # the folds were cancelled with their dependency: say why
+        logs = cfg.launch.folder or jobs_dir / "submitit"
+        raise UserError(f"Models Genesis pretraining (job {genesis_job}) failed, so its folds never ran; "
+                        f"log: {logs / f'{genesis_job}_0_log.err'}")
     if wait:
         write_summary(run_dir)
     return results
