@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from hpc.checkpoint import safe_load
+from hpc.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ class DeepSpeedEngine(Engine):
         if config.get("checkpoint", {}).get("load_universal"):
             # DeepSpeed reads universal checkpoints with its own torch.load(weights_only=False), past the
             # safe loader below: a crafted file would run its code.
-            raise ValueError("DeepSpeed config: checkpoint.load_universal is not supported (it unpickles "
+            raise CheckpointError("DeepSpeed config: checkpoint.load_universal is not supported (it unpickles "
                              "checkpoint files unchecked); remove it and resume from this run's checkpoints")
         if device is None or device.type != "cuda":
             # bf16/fp16 and CUDA-only optimizers make no sense on the CPU accelerator.

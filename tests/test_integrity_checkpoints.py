@@ -90,7 +90,7 @@ def test_a_crafted_checkpoint_file_is_refused_and_never_runs(tmp_path, name):
     with pytest.raises(CheckpointError) as err:
         ckpts.load(_engine(seed=1))
     message = str(err.value)
-    assert "\n" not in message and name in message and "posix.system" in message and "refused" in message
+    assert "\n" not in message and name in message and "(posix.system); refused, since loading them could run code" in message
     assert not marker.exists()
 
 
@@ -105,7 +105,7 @@ def test_crafted_weights_and_best_weights_are_refused_and_never_run(tmp_path):
     marker = tmp_path / "ran"
     for path, load in ((weights, load_weights), (best, load_file)):
         craft(path, marker)
-        with pytest.raises(CheckpointError, match="refused") as err:
+        with pytest.raises(CheckpointError, match=r"\(posix.system\); refused, since loading them could run code") as err:
             load(path)
         assert "\n" not in str(err.value) and str(path) in str(err.value)
     assert not marker.exists()
@@ -165,7 +165,7 @@ def test_an_empty_or_truncated_file_of_an_unverifiable_tag_is_one_line(tmp_path,
     (tmp_path / "step-1" / "digests.json").unlink()  # nothing to catch it before the read
     path = tmp_path / "step-1" / name
     path.write_bytes(b"" if damage == "empty" else path.read_bytes()[:200])
-    with pytest.raises(CheckpointError, match="empty" if damage == "empty" else "truncated or damaged") as err:
+    with pytest.raises(CheckpointError, match="is empty" if damage == "empty" else "is truncated or damaged") as err:
         ckpts.load(_engine())
     assert "\n" not in str(err.value) and name in str(err.value) and "delete" in str(err.value)
 
@@ -185,7 +185,7 @@ def test_damaged_best_weights_are_one_line(tmp_path, damage):
     assert "\n" not in str(err.value) and str(path) in str(err.value)
     path.with_name("best-weights.pt.sha256").unlink()  # without its digest: still one line, never a load
     if damage != "flipped":
-        with pytest.raises(CheckpointError, match="empty" if damage == "empty" else "truncated"):
+        with pytest.raises(CheckpointError, match="is empty" if damage == "empty" else "is truncated or damaged"):
             load_file(path)
 
 
@@ -245,6 +245,18 @@ def test_weights_of_another_model_or_width_are_one_line(tmp_path):
 
 
 # -- DeepSpeed: its model states and ZeRO optimizer shards ------------------------------------------------
+
+def test_a_deepspeed_config_that_loads_universal_checkpoints_is_refused():
+    # DeepSpeed reads those with its own torch.load(weights_only=False), past the safe loader
+    pytest.importorskip("deepspeed")
+    from hpc.checkpoint import CheckpointError
+    from hpc.engine import build_engine
+
+    model = nn.Linear(2, 1)
+    with pytest.raises(CheckpointError, match="load_universal is not supported"):
+        build_engine("deepspeed", model, torch.optim.SGD(model.parameters(), lr=0.1),
+                     deepspeed_config={"checkpoint": {"load_universal": True}})
+
 
 DS_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt")
 
