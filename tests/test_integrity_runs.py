@@ -1,5 +1,5 @@
 """Run folders as damaged input: `stroke-tss verify RUN` names what is damaged by phase and what to re-run, and
-its advice repairs it; verbs that write into a run folder refuse one of another config, or a config the store
+its advice repairs it (`verify STORE` hands a store to data_prep's verify_store); verbs that write into a run folder refuse one of another config, or a config the store
 cannot serve, before they write anything."""
 
 from __future__ import annotations
@@ -100,6 +100,15 @@ def test_splits_of_another_config_are_named(run, capsys):
     (run / "splits.json").write_text(json.dumps({**splits, "seed": 12345}))
     code, out = _verify(capsys, run)
     assert code == 1 and any("disagrees with config.yaml" in line and "seed 12345" in line for line in out)
+
+
+def test_verify_of_a_store_names_the_damaged_subject(tmp_path, capsys):
+    store = Path(make_store(tmp_path / "store.zarr", num_subjects=4))
+    code, out = _verify(capsys, store)
+    assert code == 0 and out[-1].endswith("intact; 4 subjects in its table")
+    (store / "records" / "sub-01.json").write_text("{not json")
+    code, out = _verify(capsys, store)
+    assert code == 1 and [line for line in out if line.startswith("damaged: subject sub-01:")]
 
 
 def test_verify_of_something_else_is_one_line(tmp_path, capsys):

@@ -61,6 +61,10 @@ def verify(path: str | Path) -> Report:
     if (path / "zarr.json").is_file():
         report = Report(path, "store")
         report.damaged += stores.verify_store(path)
+        try:
+            report.counts["subjects in its table"] = len(stores.open_store(path).table)
+        except InputError:
+            pass  # verify_store said why
         return report
     if (path / "config.yaml").is_file():
         return verify_run(path)
