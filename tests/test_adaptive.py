@@ -61,7 +61,8 @@ def test_each_depth_freezes_exactly_its_groups(name, options):
 
 @pytest.fixture(scope="module")
 def adapted(tiny_store, tmp_path_factory):
-    """`stroke-tss adapt` on the tiny store from a saved slicewise2d, depths run by the debug executor."""
+    """`stroke-tss adapt` on the tiny store from a saved slicewise2d, the depths pickled and run as local
+    processes (as on Slurm: an array of depth items)."""
     from data_prep.store import open_store
     from stroke_tss.weights import save_weights
 
@@ -74,7 +75,8 @@ def adapted(tiny_store, tmp_path_factory):
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         code = _cli("adapt", "configs/tiny.yaml", "--source", str(tmp / "source.pt"), "--phase", "tss3h",
-                    "--variant", "2d", "--executor", "debug", f"data.store={tiny_store}", f"run.dir={run}", *TINY)
+                    "--variant", "2d", "--executor", "local", "launch.array_parallelism=2", f"data.store={tiny_store}",
+                    f"run.dir={run}", *TINY)
     return code, run / "2d" / "fold-0" / "tss3h", source.state_dict(), printed.getvalue()
 
 
@@ -82,6 +84,9 @@ def adapted(tiny_store, tmp_path_factory):
 def test_adapt_prints_the_table_and_trains_at_its_argmin(adapted):
     code, phase_dir, _, printed = adapted
     assert code == 0
+    # each depth, then the training at the chosen one, was pickled and ran in a process of its own, and its
+    # result came back the same way
+    assert len(list((phase_dir.parents[2] / "jobs" / "submitit").glob("*_result.pkl"))) == 6 + 1
     table = json.loads((phase_dir / "adapt" / "table.json").read_text())
     rows = table["depths"]
     assert [r["depth"] for r in rows] == list(range(6))

@@ -89,13 +89,14 @@ def check_summary(run_dir: Path, store: Path, *, num_folds: int) -> dict:
     assert sorted(summary) == sorted(f"2d/{p}" for p in PHASES)
     for key, entry in summary.items():
         variant, phase = key.split("/")
-        frames, thresholds = [], []
+        frames, thresholds, one_class = [], [], False
         for k in range(num_folds):
             phase_dir = run_dir / variant / f"fold-{k}" / phase
             threshold = json.loads((phase_dir / "metrics.json").read_text())["val"]["threshold"]
             pred = pd.read_csv(phase_dir / "predictions.csv")
             frames.append(pred[pred["split"] == "test"].assign(positive=lambda f, t=threshold: f["probability"] >= t))
             thresholds.append(threshold)
+            one_class |= pred.loc[pred["split"] == "val", "label"].nunique() < 2
         test = pd.concat(frames)
         m = entry["hemisphere"]
         assert entry["num_folds"] == num_folds
@@ -105,10 +106,14 @@ def check_summary(run_dir: Path, store: Path, *, num_folds: int) -> dict:
         assert m["auc"] == pytest.approx(roc_auc_score(test["label"], test["probability"]), abs=1e-12), key
         lo, hi = m["ci95"]["auc"]
         assert lo <= m["auc"] <= hi and hi - lo > 0, key
-        if "note" in m:  # a fold's validation split held one class: no Youden threshold, 0.5 instead (said so)
-            assert "threshold 0.5" in m["note"] and m["thresholds"] == [0.5]
-            continue
-        assert m["thresholds"] == pytest.approx(thresholds, rel=5e-3), key
+        # A fold whose validation split holds one class has no Youden threshold: then, and only then, every
+        # fold's test rows are decided at 0.5, and the note says so.
+        assert ("note" in m) == one_class, (key, m.get("note"))
+        if one_class:
+            assert "threshold 0.5" in m["note"] and m["thresholds"] == [0.5], key
+            test = test.assign(positive=test["probability"] >= 0.5)
+        else:
+            assert m["thresholds"] == pytest.approx(thresholds, rel=5e-3), key
         pos, y = test["positive"], test["label"] == 1
         assert m["sensitivity"] == pytest.approx(pos[y].mean()), key
         assert m["specificity"] == pytest.approx((~pos[~y]).mean()), key
@@ -132,6 +137,8 @@ def local_run(tiny_store, tmp_path_factory):
 def test_local_cv_writes_the_pooled_summary(local_run, tiny_store):
     run_dir, proc = local_run
     summary = check_summary(run_dir, tiny_store, num_folds=2)
+    # the tiny store's 2 folds give every validation split both classes: each fold's own threshold is checked
+    assert not [key for key, e in summary.items() if "note" in e["hemisphere"]]
     assert (run_dir / "splits.json").is_file() and (run_dir / "config.yaml").is_file()
     # the terminal table is the summary's
     lesion = summary["2d/lesion"]["hemisphere"]
@@ -270,9 +277,9 @@ def test_sweep_ranks_its_points_and_records_the_chosen_one(tiny_store, tmp_path)
         for k in range(2):
             pred = pd.read_csv(run_dir / p["point"] / f"fold-{k}" / "tss4h5" / "predictions.csv")
             val = pred[pred["split"] == "val"]
-            if val["label"].nunique() == 2:
-                aucs.append(roc_auc_score(val["label"], val["probability"]))
-        assert p["val_auc_mean"] == pytest.approx(sum(aucs) / len(aucs))
+            assert val["label"].nunique() == 2, "the tiny store's 2 folds give every validation split both classes"
+            aucs.append(roc_auc_score(val["label"], val["probability"]))
+        assert p["val_auc_mean"] == pytest.approx(sum(aucs) / 2)
         cfg = (run_dir / p["point"] / "fold-0" / "config.yaml").read_text()
         assert f"lr: {p['params']['train.optimizer.lr']}" in cfg
     assert points[0]["val_auc_mean"] >= points[1]["val_auc_mean"]

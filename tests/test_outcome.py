@@ -82,9 +82,13 @@ def test_ensemble_probability_is_the_members_mean_per_sample_in_any_row_order():
 @pytest.mark.integration
 def test_outcome_cv_writes_the_ensemble_and_the_report_shows_it_with_the_baseline(tiny_store, tmp_path):
     run = tmp_path / "run"
-    assert _cli("cv", "configs/outcome3d.yaml", f"data.store={tiny_store}", f"run.dir={run}", "--executor", "debug",
+    # local processes: each fold's items are pickled and run in another process, as on Slurm
+    assert _cli("cv", "configs/outcome3d.yaml", f"data.store={tiny_store}", f"run.dir={run}", "--executor", "local",
+                "launch.array_parallelism=2",
                 "--variant", "light0", "--variant", "light4", "ensembles.ensemble=[light0, light4]", *SMALL) == 0
     folds = json.loads((run / "splits.json").read_text())["folds"]
+    # every (variant, fold) item was pickled and ran in a process of its own
+    assert len(list((run / "jobs" / "submitit").glob("*_result.pkl"))) == 2 * len(folds)
     for k in range(len(folds)):
         members = [pd.read_csv(run / v / f"fold-{k}" / "outcome" / "predictions.csv") for v in ("light0", "light4")]
         ensemble = pd.read_csv(run / "ensemble" / f"fold-{k}" / "outcome" / "predictions.csv")
