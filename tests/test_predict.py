@@ -1,4 +1,8 @@
-"""predict on a real store with phases trained a few steps: probabilities in [0, 1], the detector's pick."""
+"""predict and explain on a run folder the trainer wrote (tests/fixtures/runs.py: two folds of the four-phase
+schedule on two of the store's three channels), from a store and from a manifest prepped like the training
+store; the detector's pick on a blob store where a few steps learn it; the ISLES'22 case."""
+
+import json
 
 import nibabel as nib
 import numpy as np
@@ -6,18 +10,110 @@ import pandas as pd
 import pytest
 import yaml
 
+from data_prep.store import open_store
 from stroke_tss.cli import main as cli_main
 from stroke_tss.errors import UserError
 from stroke_tss.predict import find_phases, predict_store
 from tests.eval_helpers import blob_store, train_phase
-from tests.fixtures.data import shared_data
+from tests.fixtures.runs import PHASES
 
-pytestmark = pytest.mark.integration  # trains four small phases (~20 s on 2 shared cores)
+pytestmark = pytest.mark.integration  # trains small phases (~20 s on 2 shared cores)
+
+
+def _phase_dir(trained_run, fold: int, phase: str):
+    return trained_run.run / "2d" / f"fold-{fold}" / phase
+
+
+def test_predict_on_a_trained_run_gives_the_trainers_own_probabilities(trained_run):
+    """Each fold's detector scores its val and test hemispheres exactly as the trainer did (same inputs: the
+    fold's two channels, read and flipped alike); onset comes from the schedule's last phase (attention, not
+    the alphabetically last tss4h5) at its validation threshold."""
+    store = open_store(trained_run.store)
+    for fold in (0, 1):
+        table = predict_store(trained_run.run, store, fold=fold).set_index("subject_id")
+        assert list(table.index) == store.subject_ids and (table["num_folds"] == 1).all()
+        lesion = pd.read_csv(_phase_dir(trained_run, fold, "lesion") / "predictions.csv")
+        assert len(lesion) >= 4
+        for row in lesion.itertuples():
+            assert table.loc[row.subject_id, f"lesion_{row.hemisphere}"] == pytest.approx(row.probability, abs=1e-5)
+        assert set(table["phases"]) == {"attention;lesion;tss3h"}
+        metrics = json.loads((_phase_dir(trained_run, fold, "attention") / "metrics.json").read_text())
+        assert table["threshold_tss_lt_4h5"].tolist() == pytest.approx([metrics["val"]["threshold"]] * len(table))
+        onset = pd.read_csv(_phase_dir(trained_run, fold, "attention") / "predictions.csv")
+        onset = onset.set_index(["subject_id", "hemisphere"])["probability"]
+        for sid, row in table.iterrows():
+            if (sid, row["hemisphere"]) in onset.index:
+                assert row["p_tss_lt_4h5"] == pytest.approx(onset[(sid, row["hemisphere"])], abs=1e-5)
+    both = predict_store(trained_run.run, store)
+    one = [predict_store(trained_run.run, store, fold=k) for k in (0, 1)]
+    assert (both["num_folds"] == 2).all()
+    for col in ("lesion_left", "lesion_right"):  # the fold ensemble averages the folds' probabilities
+        assert both[col].to_numpy() == pytest.approx((one[0][col] + one[1][col]).to_numpy() / 2, abs=1e-6)
+
+
+def test_predict_cli_writes_the_table_of_the_subjects_asked_for(trained_run, tmp_path):
+    out = tmp_path / "p.csv"
+    assert cli_main(["predict", str(trained_run.run), str(trained_run.store), "--fold", "1", "--out", str(out),
+                     "--subjects", "sub-003", "sub-001"]) == 0
+    table = pd.read_csv(out)
+    want = predict_store(trained_run.run, open_store(trained_run.store), fold=1, subjects=["sub-003", "sub-001"])
+    assert list(table["subject_id"]) == ["sub-003", "sub-001"]
+    pd.testing.assert_frame_equal(table, want, check_dtype=False)
+
+
+def test_predict_from_a_manifest_preps_like_the_training_store(trained_run, tiny_cohort, tmp_path):
+    """A manifest of new subjects is preprocessed with the training store's grid, config and reference
+    histogram: a training subject handed in again as raw NIfTI scores as it does from the store."""
+    table = pd.read_csv(tiny_cohort, dtype=str, keep_default_na=False).iloc[[1]]
+    for col in ("dwi", "b0", "flair", "adc", "lesion_mask", "brain_mask"):
+        table[col] = [str(tiny_cohort.parent / v) for v in table[col]]
+    manifest = tmp_path / "new.csv"
+    table.to_csv(manifest, index=False)
+    out = tmp_path / "pred.csv"
+    assert cli_main(["predict", str(trained_run.run), str(manifest), "--fold", "0", "--out", str(out),
+                     "--workers", "1"]) == 0
+    got = pd.read_csv(out)
+    (sid,) = table["subject_id"]
+    want = predict_store(trained_run.run, open_store(trained_run.store), fold=0, subjects=[sid])
+    assert got["subject_id"].tolist() == [sid]
+    for col in ("lesion_left", "lesion_right", "p_tss_lt_3h", "p_tss_lt_4h5"):
+        assert got[col].item() == pytest.approx(want[col].item(), abs=1e-5), col
+
+
+def test_explain_defaults_to_the_schedules_last_phase_on_the_runs_store(trained_run, tmp_path, capsys):
+    store = open_store(trained_run.store)
+    assert cli_main(["explain", str(trained_run.run), "sub-002", "--fold", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["weights"] == str(_phase_dir(trained_run, 1, "attention") / "weights.pt")
+    img = nib.load(result["nifti"])
+    assert img.shape == tuple(store.attrs["shape_xyz"]) and np.allclose(img.affine, store.affine)
+    assert np.isfinite(img.get_fdata()).all() and (tmp_path / "sub-002_gradcam.png").is_file()
+    assert set(result["hemispheres"]) == {store.table.set_index("subject_id").loc["sub-002", "stroke_side"]}
+    assert cli_main(["explain", str(trained_run.run), "sub-002", "--phase", "lesion", "--method", "attention",
+                     "--out", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out)["weights"].endswith("2d/fold-0/lesion/weights.pt")
+
+
+def test_predict_and_explain_errors_say_what_to_do(trained_run, tmp_path, capsys):
+    run, store = trained_run.run, trained_run.store
+    with pytest.raises(UserError, match=r"no trained variant 'nope'; trained: 2d$"):
+        find_phases(run, variant="nope")
+    with pytest.raises(UserError, match="train the run first"):
+        find_phases(tmp_path)
+    assert cli_main(["predict", str(run), str(store), "--subjects", "sub-001", "sub-99"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"stroke-tss predict: error: subject(s) sub-99 not in {store}; it holds 8 subjects"]
+    assert cli_main(["explain", str(run), "sub-001", "--phase", "9_nope"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"stroke-tss explain: error: {run}: no trained phase '9_nope' in fold 0; trained: {', '.join(PHASES)}"]
+    assert cli_main(["explain", str(run), "sub-99"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("stroke-tss explain: error: subject 'sub-99' is not in store ")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """RUN/attn2d/fold-{0,1}/{1_detect,3_tss4h5}/ on a 8-subject blob store."""
+    """RUN/attn2d/fold-{0,1}/{1_detect,3_tss4h5}/ on a 8-subject blob store, where 10 steps learn detection."""
     root = tmp_path_factory.mktemp("predict")
     store = blob_store(root / "store", num_subjects=8)
     run = root / "run"
@@ -29,7 +125,7 @@ def trained(tmp_path_factory):
     return run, store
 
 
-def test_predict_fold_ensemble(trained):
+def test_predict_fold_ensemble_picks_the_lesion_side(trained):
     run, store = trained
     table = predict_store(run, store)
     assert len(table) == 8 and (table["num_folds"] == 2).all()
@@ -42,44 +138,7 @@ def test_predict_fold_ensemble(trained):
     assert (picked == truth.loc[picked.index]).mean() >= 0.75  # the detector finds the lesion side
 
 
-def test_predict_cli_one_fold_to_csv(trained, tmp_path):
-    run, store = trained
-    out = tmp_path / "p.csv"
-    assert cli_main(["predict", str(run), str(store.path), "--fold", "1", "--out", str(out),
-                     "--subjects", "sub-00", "sub-03"]) == 0
-    table = pd.read_csv(out)
-    assert list(table["subject_id"]) == ["sub-00", "sub-03"] and (table["num_folds"] == 1).all()
-    assert table["threshold_tss_lt_4h5"].tolist() == pytest.approx([0.6] * 2)
-
-
-def test_predict_errors_say_what_to_do(trained, tmp_path):
-    run, store = trained
-    with pytest.raises(UserError, match="no trained variant 'nope'"):
-        find_phases(run, variant="nope")
-    with pytest.raises(UserError, match="train the run first"):
-        find_phases(tmp_path)
-    assert cli_main(["predict", str(run), str(store.path), "--subjects", "sub-99"]) == 2
-
-
-def test_explain_cli_writes_nifti_png_and_scores(trained, tmp_path, capsys):
-    import json
-
-    import nibabel as nib
-
-    run, store = trained
-    assert cli_main(["explain", str(run), "sub-01", "--phase", "1_detect", "--out", str(tmp_path)]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert nib.load(result["nifti"]).shape == (64, 40, 8)
-    assert (tmp_path / "sub-01_gradcam.png").is_file()
-    assert set(result["hemispheres"]) == {store.table.set_index("subject_id").loc["sub-01", "stroke_side"]}
-    assert cli_main(["explain", str(run), "sub-01", "--phase", "9_nope"]) == 2
-
-
-ISLES = shared_data() / "isles22"
-
-
-@pytest.mark.skipif(not ISLES.is_dir(), reason=f"ISLES'22 sample not at {ISLES}")
-def test_phantom_trained_run_on_the_isles_case(tiny_store, tmp_path, capsys):
+def test_phantom_trained_run_on_the_isles_case(isles, tiny_store, tmp_path, capsys):
     """The real ISLES'22 case, scanned and prepped like the phantom training store, through predict and explain."""
     from data_prep.store import open_store
     from stroke_tss import explain
@@ -101,7 +160,7 @@ def test_phantom_trained_run_on_the_isles_case(tiny_store, tmp_path, capsys):
     assert 2 * sum(hits) > len(hits), hits
 
     manifest = tmp_path / "isles.csv"
-    assert cli_main(["scan", str(ISLES), "-o", str(manifest)]) == 0
+    assert cli_main(["scan", str(isles), "-o", str(manifest)]) == 0
     out = tmp_path / "isles_pred.csv"
     assert cli_main(["predict", str(run), str(manifest), "--out", str(out), "--workers", "1"]) == 0
     table = pd.read_csv(out)
