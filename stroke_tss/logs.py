@@ -16,7 +16,8 @@ def setup_logging(rank: int | None = None, *, level: str | int | None = None) ->
     if level is None:
         level = os.environ.get("STROKE_TSS_LOG_LEVEL", "INFO" if rank == 0 else "WARNING")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(_FORMAT.format(rank=rank), datefmt="%H:%M:%S"))
+    # The date too: a requeued job's log spans days, and its attempts append to one file.
+    handler.setFormatter(logging.Formatter(_FORMAT.format(rank=rank), datefmt="%Y-%m-%d %H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

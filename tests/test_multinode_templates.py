@@ -137,6 +137,10 @@ def test_ddp_template_trains_a_fold_on_two_nodes_from_node_local_copies(multinod
     # one rank per node, the two hostnames of the two namespaces, started by srun + torchrun
     assert re.search(r"2 rank\(s\) on node1 x1, node2 x1 \(srun\+torchrun, Slurm job \d+\)", log), log[-4000:]
     check_every_sample_once(store, reference["run"], "ddp")
+    # The .out file is for reading later: no progress-bar carriage returns, and log lines carry the date
+    assert b"\r" not in reference["log"].read_bytes(), "a progress bar wrote carriage returns into the Slurm log"
+    assert re.search(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} \[rank 0\] INFO stroke_tss\.loop: lesion epoch 0:", log,
+                     re.MULTILINE), log[-4000:]
     # The ranks read data.store = <node-local tmp>/stroke-tss-store-JOB, a path empty outside the nodes'
     # namespaces: each read its own node's copy; the copies are gone after the job.
     used = yaml.safe_load((reference["run"] / "config.yaml").read_text())
