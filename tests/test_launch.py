@@ -285,3 +285,17 @@ def test_waiting_for_an_item_asks_the_scheduler_with_back_off(slurm_cluster, tmp
 def _sleep_then_double(item: int, out_dir: Path) -> int:
     time.sleep(item)
     return 2 * item
+
+
+@pytest.mark.parametrize(("name", "hours"), [("tss2d", 8), ("tss3d", 12)])
+def test_shipped_configs_ask_slurm_for_a_gpu_node_share(name, hours):
+    """`cv configs/tss2d.yaml --executor slurm` must not train ResNet-18 on one CPU thread for an hour: the
+    shipped configs ask for a GPU, CPUs for the loaders and threads, memory and a fold's time per item."""
+    from stroke_tss.config import load_config
+
+    launch = load_config(Path(__file__).parents[1] / "configs" / f"{name}.yaml", ["launch.executor=slurm"]).launch
+    assert (launch.gpus_per_node, launch.cpus_per_task, launch.tasks_per_node, launch.nodes) == (1, 8, 1, 1)
+    assert launch.time_min == hours * 60 and launch.mem_gb and launch.signal_delay_s >= 300
+    # tiny.yaml, which extends tss2d.yaml, stays one CPU with no GPU: it runs on the test cluster
+    tiny = load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml").launch
+    assert (tiny.gpus_per_node, tiny.cpus_per_task, tiny.mem_gb) == (0, 1, None)

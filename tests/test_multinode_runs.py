@@ -74,7 +74,7 @@ def _config_3d(folder: Path, store: Path, run: Path) -> Path:
         "phases: {tss4h5: null, attention: null}", "variants: {3d_scratch: null}",
         "engine: {timeout_s: 120}",
         "launch: {executor: slurm, partition: debug, nodes: 2, tasks_per_node: 1, cpus_per_task: 1,",
-        "         gpus_per_node: 0, time_min: 20, signal_delay_s: 30}"]) + "\n")
+        "         gpus_per_node: 0, mem_gb: null, time_min: 20, signal_delay_s: 30}"]) + "\n")
     return path
 
 
