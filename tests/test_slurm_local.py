@@ -3,6 +3,7 @@ killed job reads as failed instead of hanging."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ import cloudpickle
 import pytest
 import submitit
 
-from tests.fixtures.slurm import alive, read_env_file, start_cluster, stop_cluster
+from tests.fixtures.slurm import LOCAL, alive, read_env_file, start_cluster, stop_cluster
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -96,3 +97,43 @@ def test_down_stops_exactly_what_up_started(slurm_cluster, tmp_path):
     assert not Path(env["STROKE_TSS_SLURM_DIR"]).exists()
     assert all(alive(pid) for pid in slurm_cluster.pids)
     subprocess.run(["sinfo", "-h"], check=True, capture_output=True)
+
+
+@pytest.mark.multinode
+def test_nodes_live_in_namespaces_of_their_own_and_down_removes_them(multinode_cluster, tmp_path):
+    """`up.sh --nodes 2`: each node a slurmd with its own hostname on a private subnet with no route out;
+    `down.sh` removes the namespaces, veths and bridge it made and leaves the session's cluster running."""
+    with (tmp_path / "up.log").open("w") as log:
+        proc = subprocess.run(["bash", str(LOCAL / "up.sh"), "--nodes", "2"], stdout=subprocess.PIPE, stderr=log,
+                              text=True, check=True, timeout=120,
+                              env={k: v for k, v in os.environ.items() if k != "STROKE_TSS_SLURM_ENV"})
+    env_file = Path(proc.stdout.strip())
+    env = read_env_file(env_file)
+    k = env["STROKE_TSS_SLURM_NET_INDEX"]
+    netns = env["STROKE_TSS_SLURM_NETNS"].split()
+    pids = [int(p) for p in env["STROKE_TSS_SLURM_PIDS"].split()]
+    try:
+        assert netns == [f"sttss{k}-node1", f"sttss{k}-node2"] and k != multinode_cluster.env["STROKE_TSS_SLURM_NET_INDEX"]
+        assert set(netns) <= set(_ip("netns", "list").split())
+        assert f"inet 10.213.{77 + int(k)}.1/24" in _ip("-4", "addr", "show", f"sttss-br{k}")
+        for i, ns in enumerate(netns, start=1):
+            assert f"inet 10.213.{77 + int(k)}.{10 + i}/24" in _ip("-n", ns, "-4", "addr", "show", "eth0")
+            # the node's only route is its subnet: nothing beyond the bridge is reachable
+            assert _ip("-n", ns, "-4", "route").split("\n")[0].split()[:3] == [f"10.213.{77 + int(k)}.0/24", "dev", "eth0"]
+            assert len(_ip("-n", ns, "-4", "route").strip().splitlines()) == 1
+        srun = subprocess.run(["srun", "-N2", "--ntasks-per-node=1", "hostname"], capture_output=True, text=True,
+                              timeout=60, check=True, env={**os.environ, "SLURM_CONF": env["SLURM_CONF"]})
+        assert sorted(srun.stdout.split()) == ["node1", "node2"]
+    finally:
+        stop_cluster(env_file)
+    assert not any(alive(pid) for pid in pids)
+    assert not set(netns) & set(_ip("netns", "list").split())
+    links = _ip("link", "show")
+    assert f"sttss-br{k}" not in links and f"sttss{k}-v" not in links
+    assert not Path(env["STROKE_TSS_SLURM_DIR"]).exists()
+    multinode_cluster.run("sinfo", "-h")  # the session's two-node cluster is untouched
+    assert all(alive(int(pid)) for pid in multinode_cluster.env["STROKE_TSS_SLURM_PIDS"].split())
+
+
+def _ip(*args: str) -> str:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=True).stdout
