@@ -7,3 +7,29 @@ pytest_plugins = [
     "tests.fixtures.torch_threads",
     "tests.fixtures.runs",
 ]
+
+# Under CI=true nothing may skip silently: a test that cannot run there (no Slurm, no shared data set, a
+# missing package) fails the session, whatever its own fixture did about it.
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and not hasattr(report, "wasxfail"):
+        _skipped.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import os
+
+    import pytest
+
+    if os.environ.get("CI") == "true" and _skipped and exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    import os
+
+    if os.environ.get("CI") == "true" and _skipped:
+        terminalreporter.write_line(f"CI=true: {len(_skipped)} test(s) skipped, which fails the run: "
+                                    + ", ".join(_skipped[:10]))

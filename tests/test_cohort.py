@@ -197,6 +197,46 @@ def test_scan_tree_matches_case_insensitively_and_merges_clinical(tmp_path: Path
     assert m.errors == [] and m.rows[0].path("b0").name == "sub-1_ses-1_T2w.nii.gz"
 
 
+def test_scan_cli_on_a_generated_isles_layout(tmp_path: Path, capsys) -> None:
+    """An ISLES'22-style BIDS tree made from phantom subjects (rawdata/sub-*/ses-0001/ with dwi, adc and flair
+    and the dwi's JSON sidecar; the lesion mask under derivatives/), needing no shared data: `scan` finds every
+    series, derives b0 from DWI and ADC with the sidecar's b-value, reads the stroke side from the mask, and
+    writes a manifest that validates."""
+    import shutil
+
+    from data_prep.phantom import synthesize_cohort
+
+    phantom = synthesize_cohort(tmp_path / "phantom", num_subjects=3, seed=2, spacing_mm=6.0)
+    truth = pd.read_csv(phantom)
+    root = tmp_path / "isles"
+    for i, row in truth.iterrows():
+        sid = f"sub-strokecase{i + 1:04d}"
+        raw, der = root / "rawdata" / sid / "ses-0001", root / "derivatives" / sid / "ses-0001"
+        raw.mkdir(parents=True)
+        der.mkdir(parents=True)
+        for series, name in (("dwi", "dwi"), ("adc", "adc"), ("flair", "flair")):
+            shutil.copy(phantom.parent / row[series], raw / f"{sid}_ses-0001_{name}.nii.gz")
+        (raw / f"{sid}_ses-0001_dwi.json").write_text(json.dumps({"DiffusionBValue": 1000.0, "Modality": "MR"}))
+        shutil.copy(phantom.parent / row["lesion_mask"], der / f"{sid}_ses-0001_msk.nii.gz")
+    out = tmp_path / "manifest.csv"
+    assert cli_main(["scan", str(root), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out}: 3 subject(s), 3 valid for channels dwi,b0,flair" in printed
+    assert printed.count("b0 derived as dwi*exp(b*adc) (b=1000)") == 3
+    m = read_manifest(out)
+    assert m.errors == [] and m.subject_ids == [f"sub-strokecase{i:04d}" for i in (1, 2, 3)]
+    # the phantom's sides (seed 2: right, bilateral, left), read back from the masks alone
+    assert [r.stroke_side for r in m.rows] == list(truth["stroke_side"]) == ["right", "bilateral", "left"]
+    for r, (_, row) in zip(m.rows, truth.iterrows()):
+        assert r.b_value == 1000.0 and r.derived == {"b0": "dwi*exp(b*adc)"}
+        assert r.series["lesion_mask"].name.endswith("_msk.nii.gz") and "derivatives" in r.series["lesion_mask"].parts
+        # b0 from DWI and ADC is the phantom's own b0 where there is signal (int16 rounding aside)
+        derived = load_channel(r, "b0").get_fdata()
+        b0 = nib.load(str(phantom.parent / row["b0"])).get_fdata()
+        tissue = b0 > np.percentile(b0, 80)
+        assert np.median(derived[tissue] / b0[tissue]) == pytest.approx(1.0, abs=0.02)
+
+
 def test_isles_scan_derives_b0_and_left_side(isles: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "isles.csv"
     assert cli_main(["scan", str(isles), "-o", str(out)]) == 0

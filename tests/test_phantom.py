@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import nibabel as nib
@@ -24,9 +23,9 @@ from data_prep.phantom_clinical import (
     finish_latent,
     oracle_aucs,
 )
+from tests.fixtures.data import shared_data, shared_dataset
 
-SHARED = Path(os.environ.get("STROKE_TSS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-SOOP = SHARED / "soop" / "lesions"
+SOOP = shared_data() / "soop" / "lesions"  # real lesion shapes where present, else blobs (both tested below)
 SEED = 2  # its first five subjects are right, bilateral, left, none, left (asserted below)
 SPACING = 4.0  # coarse grid: the whole module runs in seconds
 
@@ -125,6 +124,17 @@ def test_truth_pose_and_warp_within_declared_ranges(cohort: Path) -> None:
         assert angle <= 10.5 and np.all(np.abs(s - 1) <= 0.051) and np.all(np.abs(pose[:3, 3]) <= 10)
         assert 3.0 <= row.warp_rms_mm <= 4.0
         assert not np.allclose(pose, pose_from_truth(row, "flair_pose"))  # FLAIR has its own motion
+
+
+def test_lesions_are_real_soop_shapes_when_the_folder_is_there(cohort: Path) -> None:
+    """With the SOOP masks present (required under CI=true), every lesion of the cohort is one of them,
+    mirrored to its side: truth.csv names the file per hemisphere; no silent fall-back to blobs."""
+    soop = shared_dataset("soop", "lesions")
+    truth = pd.read_csv(cohort.parent / "truth.csv", keep_default_na=False)
+    for _, row in truth.iterrows():
+        sources = [s for s in str(row["lesion_source"]).split("+") if s]
+        assert len(sources) == {"none": 0, "bilateral": 2}.get(row["stroke_side"], 1), row["subject_id"]
+        assert all((soop / s).is_file() for s in sources), (row["subject_id"], sources)
 
 
 def test_blob_lesions_without_lesion_folder(tmp_path: Path) -> None:

@@ -110,7 +110,7 @@ class _Halves:
 
 
 def test_pickles_as_a_path_and_reads_in_dataloader_workers(tiny_store: Path) -> None:
-    torch = pytest.importorskip("torch")
+    import torch
     s = open_store(tiny_store)
     s.volume(s.subject_ids[0])  # an open handle must not travel into the pickle
     assert len(pickle.dumps(s)) < 500
