@@ -165,7 +165,7 @@ def _csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str] | s
         for sep, name in ((";", "semicolon"), ("\t", "tab")):
             if sep in first and "subject_id" in first.split(sep):
                 raise InputError(f"the header looks {name}-separated", file=path, field="subject_id",
-                                 hint="save the manifest comma-separated (CSV with ',')")
+                                 hint="save it with commas between the fields")
         raise InputError("no subject_id column", file=path, field="subject_id",
                          hint="the first line must name the columns, subject_id first")
     named = [name for name in header if name]

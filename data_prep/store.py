@@ -143,8 +143,8 @@ class Store:
         try:
             return np.asarray(arr[(row, *selection)], dtype=dtype)
         except _DAMAGE as exc:
-            raise StoreError(f"{name} chunk unreadable ({type(exc).__name__}: {exc})", subject_id=sid,
-                             file=self.path, hint=redo_hint(self.path, sid)) from None
+            raise StoreError(f"{name} chunk unreadable ({_why(exc)})", subject_id=sid, file=self.path,
+                             hint=redo_hint(self.path, sid)) from None
 
     def volume(self, sid: str) -> np.ndarray:
         """All channels, float32 (channel, z, y, x)."""
@@ -168,6 +168,12 @@ class Store:
         if not row.empty and not bool(row["has_lesion_mask"].iloc[0]):
             return None
         return self._read("lesion", sid, (), np.uint8)
+
+
+def _why(exc: Exception) -> str:
+    if "checksum" in str(exc):  # zarr's crc32c codec; its message shows both checksums' raw bytes
+        return "checksum mismatch: its bytes changed on disk"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def redo_hint(path: str | Path, sid: str) -> str:
@@ -453,7 +459,7 @@ def verify_store(path: str | Path) -> list[str]:
             try:
                 arr[row]
             except _DAMAGE as exc:
-                problems.append(f"subject {sid}: {name} chunk unreadable ({type(exc).__name__}: {exc}); "
+                problems.append(f"subject {sid}: {name} chunk unreadable ({_why(exc)}); "
                                 f"{redo_hint(path, sid)}")
                 break
     return problems

@@ -95,7 +95,7 @@ def test_semicolon_separated_manifest_says_so(cohort) -> None:
     cohort.write_text(cohort.read_text().replace(",", ";"))
     with pytest.raises(InputError, match="looks semicolon-separated") as info:
         read_manifest(cohort)
-    assert "save the manifest comma-separated" in str(info.value)
+    assert "save it with commas between the fields" in str(info.value)
 
 
 def test_row_with_extra_fields_is_refused_naming_its_line(cohort) -> None:

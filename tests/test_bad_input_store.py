@@ -54,7 +54,7 @@ def test_flipped_bytes_name_the_subject_and_the_advice_repairs_it(store, tiny_co
     want = open_store(store).volume("sub-002")
     _flip(_chunk(store, "volumes", "sub-002", k=1))  # the right hemisphere
     s = open_store(store)
-    with pytest.raises(StoreError, match="volumes chunk unreadable") as info:
+    with pytest.raises(StoreError, match="volumes chunk unreadable \\(checksum mismatch") as info:
         s.hemisphere("sub-002", "right")
     _one_line_naming(info, "sub-002", store)
     np.testing.assert_array_equal(s.volume("sub-001"), open_store(store).volume("sub-001"))  # others read
