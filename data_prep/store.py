@@ -178,8 +178,9 @@ def _why(exc: Exception) -> str:
 
 def redo_hint(path: str | Path, sid: str) -> str:
     """What to run when one subject's data is damaged: drop its record, and prep re-makes it."""
-    return (f"delete {subject_path(Path(path) / 'records', sid, '.json')} and run `stroke-tss prep MANIFEST "
-            f"{path}` again; it re-processes that subject")
+    # text only, never opened: a store from before the id rule may hold an id subject_path would refuse
+    return (f"delete {Path(path) / 'records' / f'{sid}.json'} and run `stroke-tss prep MANIFEST {path}` again; "
+            "it re-processes that subject")
 
 
 def _open_arrays(path: Path, *, mode: str):
