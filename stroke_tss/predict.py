@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from torch import nn
 
 from data_prep.build import prep
 from data_prep.cohort import read_manifest
 from data_prep.config import PrepConfig
 from data_prep.store import create_or_extend, open_store, set_reference_histogram
+from stroke_tss.config.loader import read_yaml
 from stroke_tss.data import StoreDataset
 from stroke_tss.errors import UserError
 from stroke_tss.models import build_model
@@ -64,7 +64,7 @@ def load_model(path: str | Path) -> nn.Module:
 def fold_config(phase_path: Path) -> dict:
     """The resolved variant config the fold trained with (RUN/<variant>/fold-<k>/config.yaml), {} if absent."""
     path = Path(phase_path).parent / "config.yaml"
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    return (read_yaml(path) or {}) if path.is_file() else {}
 
 
 def _phase_task(path: Path) -> str | None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from data_prep.paths import subject_path
 from stroke_tss import metrics, stats
 from stroke_tss.tasks import ONSET_TASKS, TASKS, subject_labels
 
@@ -38,7 +39,7 @@ def reader_section(table: pd.DataFrame, *, task: str = "tss_lt_4h5", num_resampl
 
 def _offset(store, sid: str, channel: str) -> float:
     """mean/std of the raw channel in the brain (the store record's QC), so z-scores map back to raw ratios."""
-    record = Path(store.path) / "records" / f"{sid}.json"
+    record = subject_path(Path(store.path) / "records", sid, ".json")
     qc = json.loads(record.read_text()).get("qc", {}) if record.is_file() else {}
     mean, std = qc.get(f"{channel}_mean"), qc.get(f"{channel}_std")
     return float(mean) / float(std) if mean is not None and std else 0.0

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
+from stroke_tss.config.loader import read_yaml
 from stroke_tss.errors import UserError
 
 PREDICTION_COLUMNS = ("subject_id", "hemisphere", "task", "label", "probability", "split")
@@ -107,7 +107,7 @@ def run_config(run: str | Path) -> dict:
     path = Path(run) / "config.yaml"
     if not path.is_file():
         return {}
-    return yaml.safe_load(path.read_text()) or {}
+    return read_yaml(path) or {}
 
 
 def store_path(runs: list[str | Path]) -> Path | None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from data_prep.build import prep
+from data_prep.paths import subject_path
 from data_prep.phantom import synthesize_cohort
 from data_prep.store import open_store
 from stroke_tss.config import load_config
@@ -144,7 +145,7 @@ def _gradcam(run_dir: Path, store_path: Path) -> dict:
     if len(candidates) == 0:
         return {"note": "fold 0 has no lesion in its test subjects"}
     sid = max(candidates, key=lambda s: int(store.lesion(s).sum()) if store.lesion(s) is not None else 0)
-    result = explain_subject(phase_dir / "weights.pt", store, str(sid), out_dir=run_dir / "explain" / str(sid))
+    result = explain_subject(phase_dir / "weights.pt", store, str(sid), out_dir=subject_path(run_dir / "explain", str(sid)))
     return {"subject": str(sid), **result}
 
 

@@ -19,10 +19,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field
 
 from stroke_tss.config import Config, Section, merge, set_dotted, validate
+from stroke_tss.config.loader import read_yaml
 from stroke_tss.errors import UserError
 
 
@@ -39,7 +39,7 @@ def read_grid(path: str | Path) -> GridFile:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"grid file {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path) or {}
     grid = validate(raw, schema=GridFile, source=str(path))
     for key, values in grid.grid.items():
         if not values:
