@@ -239,7 +239,7 @@ def _run_in_process(fn, items, *, out_dirs, names, log_folder: Path) -> list[Ite
 def _collect(job, result: ItemResult) -> None:
     result.log = Path(job.paths.stderr)
     try:
-        result.value = job.result()
+        result.value = job.results()[0]  # rank 0's: submitit's result() refuses a job of several tasks
         result.state = "done"
     except Exception as exc:  # the item's own error (FailedJobError), or a killed job (UncompletedJobError)
         result.error = _error_line(str(exc)) or type(exc).__name__

@@ -19,6 +19,7 @@ import submitit
 from hpc import preempt
 from hpc.launch import CheckpointableTask, launch_items
 from hpc.launch_config import LaunchConfig
+from tests.fixtures.slurm import job_states
 
 # Items run in other processes, where this test module is not importable.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -161,11 +162,16 @@ def test_preempted_item_saves_requeues_and_resumes(slurm_cluster, tmp_path):
     config = LaunchConfig(executor="slurm", partition="debug", tasks_per_node=2, time_min=5, folder=tmp_path / "sub")
     (result,) = launch_items(_Steps(), [40], config=config, folder=tmp_path, names=["fold-0"], wait=False)
     progress = tmp_path / "fold-0" / "progress.txt"
-    deadline = time.monotonic() + 90
-    while not (progress.exists() and progress.read_text() and int(progress.read_text()) >= 5):
-        assert time.monotonic() < deadline, "the item never made progress"
+    # two deadlines: the job starts (a loaded machine may take a while), then it makes progress
+    deadline = time.monotonic() + 120
+    while not progress.exists():
+        assert time.monotonic() < deadline, f"job {result.job_id} not started within 120 s: {job_states(result.job_id)}"
         time.sleep(0.2)
-    subprocess.run(["scancel", "--signal=USR2", result.job_id], check=True)
+    deadline = time.monotonic() + 90
+    while not (progress.read_text() and int(progress.read_text()) >= 5):
+        assert time.monotonic() < deadline, "the item started but made no 5 steps in 90 s"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR2", result.job_id], check=True, timeout=60)
     job = submitit.SlurmJob(folder=tmp_path / "sub", job_id=result.job_id, tasks=(0, 1))
     job._results_timeout_s = 2
     values = job.results()
@@ -299,3 +305,22 @@ def test_shipped_configs_ask_slurm_for_a_gpu_node_share(name, hours):
     # tiny.yaml, which extends tss2d.yaml, stays one CPU with no GPU: it runs on the test cluster
     tiny = load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml").launch
     assert (tiny.gpus_per_node, tiny.cpus_per_task, tiny.mem_gb) == (0, 1, None)
+
+
+def _rank_and_world(item: int, out_dir: Path) -> dict:
+    from hpc.env import DistEnv
+
+    env = DistEnv.from_environ()
+    return {"item": item, "rank": env.rank, "world_size": env.world_size}
+
+
+@pytest.mark.slurm
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_a_waited_for_item_of_two_tasks_returns_rank_0s_value(slurm_cluster, tmp_path):
+    """An item of several ranks (launch.tasks_per_node or launch.nodes > 1, as `cv --executor slurm` with 2-node
+    folds submits them) lands with rank 0's value when waited for."""
+    config = LaunchConfig(executor="slurm", partition="debug", tasks_per_node=2, time_min=5)
+    (result,) = launch_items(_rank_and_world, [7], config=config, folder=tmp_path, names=["two-ranks"], poll_s=0.5)
+    assert result.ok, result.error
+    assert result.value == {"item": 7, "rank": 0, "world_size": 2}
