@@ -127,7 +127,10 @@ def small_2d(tmp_path_factory) -> tuple[Path, Path]:
         "model: {options: {base_channels: 4}}",
         "train: {num_workers: 0, threads: 1, batch_size: 1, stopping: {max_epochs: 2, min_epochs: 1}}",
         "phases: {tss3h: null, tss4h5: null, attention: null}", "variants: {2d_scratch: null}",
-        "engine: {timeout_s: 60}"]) + "\n")
+        # DeepSpeed on both sides: with `auto`, 1 rank would be the local engine and 2 DDP, which the engine
+        # check refuses anyway; ZeRO shards are where a change of world size goes wrong unnoticed
+        f"engine: {{kind: deepspeed, deepspeed_config: {REPO / 'configs' / 'deepspeed' / 'zero2.json'}, "
+        "timeout_s: 60}"]) + "\n")
     return config, folder
 
 
