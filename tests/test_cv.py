@@ -13,12 +13,13 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
+
+from tests.fixtures.slurm import wait_for_jobs
 
 pytestmark = pytest.mark.integration
 
@@ -46,22 +47,15 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 def squeue_ids() -> set[str]:
-    out = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i"], capture_output=True, text=True, check=True)
+    out = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i"], capture_output=True, text=True, check=True,
+                         timeout=60)
     return set(out.stdout.split())
 
 
-def wait_for_array(array_id: str, *, num_tasks: int, timeout_s: float = 300) -> list[str]:
-    """States of the array's tasks once every one has ended."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        out = subprocess.run(["squeue", "-h", "-t", "all", "-j", array_id, "-o", "%i %T"], capture_output=True,
-                             text=True, check=True).stdout.split("\n")
-        states = dict(line.split() for line in out if line.strip())
-        ended = [s for s in states.values() if s in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")]
-        if len(states) == num_tasks and len(ended) == num_tasks:
-            return [states[k] for k in sorted(states)]
-        assert time.monotonic() < deadline, f"array {array_id} did not end: {states}"
-        time.sleep(1)
+def wait_for_array(array_id: str, *, num_tasks: int) -> list[str]:
+    """States of the array's tasks once every one has ended (a deadline to start, another to run)."""
+    states = wait_for_jobs(array_id, num_tasks=num_tasks, start_s=180, run_s=400)
+    return [states[k] for k in sorted(states)]
 
 
 def array_ids(run_dir: Path) -> list[str]:

@@ -22,6 +22,7 @@ from hpc.launch import launch_items
 from stroke_tss.config import load_config
 from stroke_tss.runs.cv import FoldItem, FoldTask
 from stroke_tss.runs.folder import prepare_run
+from tests.fixtures.slurm import job_states
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration]
 
@@ -55,17 +56,24 @@ def fold_dir(run_dir: Path) -> Path:
     return run_dir / "2d" / "fold-0"
 
 
-def wait_for_step(run_dir: Path, *, step: int, timeout_s: float = 240) -> None:
-    """Until the lesion phase has checkpointed global step `step` (or later)."""
+def wait_for_step(run_dir: Path, job_id: str, *, step: int, start_s: float = 180, run_s: float = 240) -> None:
+    """Until the lesion phase has checkpointed global step `step` (or later): the job must start within
+    `start_s`, then get there within `run_s` of its first checkpoint."""
     latest = fold_dir(run_dir) / "lesion" / "ckpt" / "latest"
-    deadline = time.monotonic() + timeout_s
-    while not (latest.exists() and latest.read_text().startswith("step-") and int(latest.read_text()[5:]) >= step):
-        assert time.monotonic() < deadline, f"the fold never reached step {step}"
+    deadline = time.monotonic() + start_s
+    while not latest.exists():
+        assert time.monotonic() < deadline, f"job {job_id} wrote no checkpoint within {start_s:.0f} s: " \
+                                            f"{job_states(job_id)}"
+        time.sleep(0.05)
+    deadline = time.monotonic() + run_s
+    while not (latest.read_text().startswith("step-") and int(latest.read_text()[5:]) >= step):
+        assert time.monotonic() < deadline, f"the fold started but did not reach step {step} in {run_s:.0f} s"
         time.sleep(0.05)
 
 
 def restarts(job_id: str) -> int:
-    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, check=True)
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, check=True,
+                         timeout=60)
     return int(re.search(r"\bRestarts=(\d+)", out.stdout).group(1))
 
 
@@ -117,8 +125,8 @@ def test_an_interrupted_fold_comes_back_and_ends_as_if_uninterrupted(reference, 
                                                                       announced):
     run_dir = tmp_path / "run"
     job = submit_fold(tiny_store, run_dir)
-    wait_for_step(run_dir, step=MID_EPOCH)
-    subprocess.run([*interrupt, job.job_id], check=True)
+    wait_for_step(run_dir, job.job_id, step=MID_EPOCH)
+    subprocess.run([*interrupt, job.job_id], check=True, timeout=60)
     job.result()
     log = Path(job.paths.stderr).read_text()
     assert ("received SIGUSR2: will save and requeue at the next step boundary" in log) is announced

@@ -13,7 +13,15 @@ import cloudpickle
 import pytest
 import submitit
 
-from tests.fixtures.slurm import LOCAL, alive, read_env_file, start_cluster, stop_cluster
+from tests.fixtures.slurm import (
+    LOCAL,
+    alive,
+    job_states,
+    read_env_file,
+    start_cluster,
+    stop_cluster,
+    wait_for_jobs,
+)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -70,20 +78,86 @@ def test_two_task_job_all_reduces_over_gloo(slurm_cluster, tmp_path):
 def test_killed_job_raises_instead_of_hanging(slurm_cluster, tmp_path):
     executor = _executor(tmp_path / "killed")
     job = executor.submit(_sleep, 300)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while job.watcher.get_state(job.job_id, mode="force") != "RUNNING":
-        assert time.monotonic() < deadline, f"job {job.job_id} never started"
+        assert time.monotonic() < deadline, f"job {job.job_id} not started within 120 s"
         time.sleep(0.5)
-    subprocess.run(["scancel", job.job_id], check=True)
+    subprocess.run(["scancel", job.job_id], check=True, timeout=60)
     # Forced polls only make this quicker than submitit's back-off; without sacct it would never end.
+    deadline = time.monotonic() + 60  # its own deadline: a slow start must not eat the time to end
     while not job.done(force_check=True):
-        assert time.monotonic() < deadline, f"job {job.job_id} still not done after scancel"
+        assert time.monotonic() < deadline, f"job {job.job_id} still not done 60 s after scancel"
         time.sleep(0.5)
     # submitit then waits _results_timeout_s (15 s) for a result file lagging on NFS; local disk does not lag.
     job._results_timeout_s = 1
     with pytest.raises(submitit.core.utils.UncompletedJobError):
         job.result()
     assert job.state.startswith("CANCELLED")
+
+
+def _sbatch(*args: str) -> str:
+    out = subprocess.run(["sbatch", "--parsable", "--partition=debug", "--output=/dev/null", *args],
+                         capture_output=True, text=True, check=True, timeout=60)
+    return out.stdout.strip().split(";")[0]
+
+
+def test_the_sacct_shim_gives_submitit_the_states_squeue_shows(slurm_cluster):
+    """Without slurmdbd, slurm/local/sacct answers submitit's own query from squeue: run submitit's command
+    and parser on jobs held, running, completed, failed and cancelled, and on array tasks (a finished pair
+    and a pending range), and every job reads as squeue shows it."""
+    from submitit.slurm.slurm import SlurmInfoWatcher
+
+    jobs = {"held": _sbatch("--hold", "--wrap", "true"),
+            "held_array": _sbatch("--hold", "--array=0-1", "--wrap", "true"),
+            "completed": _sbatch("--wrap", "true"),
+            "failed": _sbatch("--wrap", "exit 3"),
+            "array": _sbatch("--array=0-1", "--wrap", "exit $SLURM_ARRAY_TASK_ID")}
+    try:
+        for name, num_tasks in (("completed", 1), ("failed", 1), ("array", 2)):
+            wait_for_jobs(jobs[name], num_tasks=num_tasks)
+        jobs["running"] = _sbatch("--wrap", "sleep 300")
+        deadline = time.monotonic() + 120
+        while job_states(jobs["running"]) != {jobs["running"]: "RUNNING"}:
+            assert time.monotonic() < deadline, f"sleep job not running within 120 s: {job_states(jobs['running'])}"
+            time.sleep(0.5)
+        jobs["cancelled"] = _sbatch("--wrap", "sleep 300")
+        subprocess.run(["scancel", jobs["cancelled"]], check=True, timeout=60)
+        wait_for_jobs(jobs["cancelled"])
+
+        watcher = SlurmInfoWatcher()
+        for job_id in jobs.values():
+            watcher.register_job(job_id)
+        command = watcher._make_command()
+        assert command[:4] == ["sacct", "-o", "JobID,State,NodeList", "--parsable2"]
+        shim = subprocess.run(command, capture_output=True, text=True, check=True, timeout=60)
+        read = {k: v["State"] for k, v in watcher.read_info(shim.stdout).items()}
+        want = {
+            jobs["held"]: "PENDING", f"{jobs['held_array']}_0": "PENDING", f"{jobs['held_array']}_1": "PENDING",
+            jobs["completed"]: "COMPLETED", jobs["failed"]: "FAILED", f"{jobs['array']}_0": "COMPLETED",
+            f"{jobs['array']}_1": "FAILED", jobs["running"]: "RUNNING", jobs["cancelled"]: "CANCELLED"}
+        assert {k: read.get(k) for k in want} == want, shim.stdout
+        squeue = {}
+        for job_id in jobs.values():
+            squeue.update(job_states(job_id))
+        # squeue folds a pending array range into one line, as sacct does, and submitit expands it
+        pending = squeue.pop(f"{jobs['held_array']}_[0-1]")
+        squeue.update({f"{jobs['held_array']}_0": pending, f"{jobs['held_array']}_1": pending})
+        assert squeue == want
+    finally:
+        subprocess.run(["scancel", *jobs.values()], capture_output=True, timeout=60)
+
+
+def test_waiting_for_a_job_blames_a_start_that_never_comes_apart_from_a_run_that_never_ends(slurm_cluster):
+    """The Slurm tests' `wait_for_jobs` has a deadline to start and another to run, each failing with its own
+    message: a held job fails the first, a job that sleeps on fails the second."""
+    held, sleeping = _sbatch("--hold", "--wrap", "true"), _sbatch("--wrap", "sleep 300")
+    try:
+        with pytest.raises(AssertionError, match=f"job {held}: nothing of it started within 3 s"):
+            wait_for_jobs(held, start_s=3, run_s=600)
+        with pytest.raises(AssertionError, match=rf"job {sleeping}: \['{sleeping}'\] still running after 3 s"):
+            wait_for_jobs(sleeping, start_s=120, run_s=3)
+    finally:
+        subprocess.run(["scancel", held, sleeping], capture_output=True, timeout=60)
 
 
 def test_down_stops_exactly_what_up_started(slurm_cluster, tmp_path):
@@ -96,7 +170,7 @@ def test_down_stops_exactly_what_up_started(slurm_cluster, tmp_path):
     assert not any(alive(pid) for pid in pids)
     assert not Path(env["STROKE_TSS_SLURM_DIR"]).exists()
     assert all(alive(pid) for pid in slurm_cluster.pids)
-    subprocess.run(["sinfo", "-h"], check=True, capture_output=True)
+    subprocess.run(["sinfo", "-h"], check=True, capture_output=True, timeout=60)
 
 
 @pytest.mark.multinode
@@ -136,4 +210,4 @@ def test_nodes_live_in_namespaces_of_their_own_and_down_removes_them(multinode_c
 
 
 def _ip(*args: str) -> str:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=True).stdout
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=True, timeout=60).stdout

@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slurm, pytest.mark.integration, pytest.mark.timeout(240)]
+from tests.fixtures.slurm import wait_for_jobs
+
+# The node declares its real cores (2 here), so Slurm runs these 2-CPU jobs one after another: several minutes
+pytestmark = [pytest.mark.slurm, pytest.mark.integration, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[1]
 # (template, sbatch options for 2 ranks on the one local node, launcher the ranks must report, outputs)
@@ -36,22 +39,29 @@ def _edited_copy(name: str, folder: Path) -> Path:
     return path
 
 
+def _submit(args: list[str], *, env: dict, log: Path, cwd: Path = REPO) -> str:
+    """sbatch on the debug partition, one node; returns the job id (the job is waited for separately)."""
+    proc = subprocess.run(["sbatch", "--parsable", "--partition=debug", "--nodes=1", f"--output={log}-%j.log", *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
 def test_every_template_runs_two_agreeing_ranks(slurm_cluster, tmp_path):
     assert sorted(p.stem for p in (REPO / "slurm").glob("*.sbatch")) == sorted(CASES), "a template has no test case"
-    procs = {}
+    jobs = {}
     for name, (options, _, _) in CASES.items():
         out = "fold-{fold}" if name == "fold_array" else name
         env = dict(os.environ, STROKE_TSS_VENV=sys.prefix, NPROC_PER_NODE="2",
                    STROKE_TSS_CMD=f"python -m hpc.selftest --out {tmp_path}/{out}.json")
         # --time well above the templates' --signal=USR2@300: at 5 minutes Slurm sent the preemption signal
         # at once, and a loaded machine got it before the ranks were done
-        cmd = ["sbatch", "--wait", "--partition=debug", "--nodes=1", "--time=15",
-               f"--output={tmp_path}/{name}-%j.log", *options, str(_edited_copy(name, tmp_path))]
-        procs[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for name, proc in procs.items():
-        output, _ = proc.communicate(timeout=200)
+        jobs[name] = _submit(["--time=15", *options, str(_edited_copy(name, tmp_path))], env=env, log=tmp_path / name)
+    for name, job_id in jobs.items():
+        num_tasks = 2 if name == "fold_array" else 1
+        states = wait_for_jobs(job_id, num_tasks=num_tasks, start_s=180, run_s=180)
         logs = "".join(p.read_text() for p in tmp_path.glob(f"{name}-*.log"))
-        assert proc.returncode == 0, f"{name}.sbatch failed: {output}\n{logs}"
+        assert set(states.values()) == {"COMPLETED"}, f"{name}.sbatch: {states}\n{logs}"
         _, launcher, outputs = CASES[name]
         for out in outputs:
             summary = json.loads((tmp_path / f"{out}.json").read_text())
@@ -74,13 +84,14 @@ def test_a_run_that_saved_on_preemption_is_requeued_once(slurm_cluster, tmp_path
     command = tmp_path / "preempted_once.sh"
     command.write_text(PREEMPTED_ONCE)
     env = dict(os.environ, STROKE_TSS_VENV=sys.prefix, NPROC_PER_NODE="2", STROKE_TSS_CMD=f"bash {command}")
-    proc = subprocess.run(["sbatch", "--wait", "--partition=debug", "--nodes=1", "--time=15",
-                           f"--output={tmp_path}/{name}-%j.log", *options, str(_edited_copy(name, tmp_path))],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=200)
+    job_id = _submit(["--time=15", *options, str(_edited_copy(name, tmp_path))], env=env, log=tmp_path / name,
+                     cwd=tmp_path)
+    # the requeued job waits for its begin time (about 15 s) before it starts again
+    states = wait_for_jobs(job_id, num_tasks=1, start_s=180, run_s=180)
     logs = "".join(p.read_text() for p in tmp_path.glob(f"{name}-*.log"))
     runs = sorted(p.read_text() for p in tmp_path.glob("runs-*.txt"))
-    assert runs and all(r == "0\n1\n" for r in runs), (runs, proc.stdout, proc.stderr, logs)
-    assert proc.returncode == 0, proc.stdout + proc.stderr + logs
+    assert runs and all(r == "0\n1\n" for r in runs), (runs, states, logs)
+    assert set(states.values()) == {"COMPLETED"}, (states, logs)
     # --open-mode=append: the log holds both attempts; the flag file is gone once the job completed
     assert re.findall(r"attempt (\d)", logs) == ["1", "2"], logs
     assert not list(tmp_path.glob(".preempt-*"))
