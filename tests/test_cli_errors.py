@@ -131,7 +131,7 @@ def test_ctrl_c_exits_130_with_one_line_and_keeps_the_checkpoints(store, tmp_pat
         ckpt = run / "2d/fold-0/lesion/ckpt"
         deadline = time.monotonic() + 240
         while not list(ckpt.glob("step-*/done")):
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert proc.poll() is None, proc.communicate(timeout=60)[1][-3000:]
             assert time.monotonic() < deadline, "training never checkpointed a step"
             time.sleep(0.1)
         proc.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends

@@ -17,7 +17,7 @@ REQUEUING = ["ddp_multinode", "deepspeed", "fold_array"]
 def test_exit_code_is_ex_tempfail_and_printed_for_shell_scripts():
     assert preempt.EXIT_CODE == os.EX_TEMPFAIL
     out = subprocess.run([sys.executable, "-m", "hpc.preempt", "exit-code"], capture_output=True, text=True,
-                         check=True, cwd=REPO).stdout
+                         check=True, cwd=REPO, timeout=120).stdout
     assert out == f"{preempt.EXIT_CODE}\n"
 
 

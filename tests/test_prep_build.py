@@ -56,7 +56,7 @@ def test_killed_prep_reruns_to_the_clean_build(tiny_cohort: Path, tiny_store: Pa
             assert time.monotonic() < deadline, "no two subjects done in 10 minutes"
             time.sleep(0.2)
         proc.kill()  # SIGKILL the CLI: no clean-up of its own runs
-        proc.wait()
+        proc.wait(timeout=60)
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # the orphaned workers it started
