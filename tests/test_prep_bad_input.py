@@ -18,6 +18,8 @@ from data_prep.store import StoreError, open_store
 from stroke_tss.cli import main as cli_main
 from tests.fixtures.data import TINY_PREP, tiny_prep_config
 
+pytestmark = pytest.mark.integration  # a Dask LocalCluster for the module, prep through the CLI
+
 BAD = "sub-bad"
 
 

@@ -56,6 +56,7 @@ def _mean_error_mm(transform: sitk.Transform, mask: sitk.Image, truth_ras: np.nd
     return float(np.linalg.norm(got - want, axis=1).mean())
 
 
+@pytest.mark.integration  # registration at 2 mm
 def test_registration_to_the_template_matches_the_stored_pose(cohort: Path, anchors: dict) -> None:
     truth = pd.read_csv(cohort.parent / "truth.csv").set_index("subject_id")
     _, mask = rg.template()
@@ -73,7 +74,7 @@ def coarse_cohort(tmp_path_factory) -> Path:
     return synthesize_cohort(tmp_path_factory.mktemp("phantom4mm"), num_subjects=4, seed=11, spacing_mm=4.0)
 
 
-@pytest.mark.parametrize("grid", ["cohort", "coarse_cohort"])
+@pytest.mark.parametrize("grid", [pytest.param("cohort", marks=pytest.mark.integration), "coarse_cohort"])
 def test_flair_coregistration_recovers_the_head_motion_between_series(grid: str, request) -> None:
     """FLAIR is acquired after the head moved (truth: flair_pose @ inv(pose)); co-registration to the b0
     must undo that motion to within a third of a voxel, or the FLAIR lesion lands beside the DWI lesion.
@@ -96,6 +97,7 @@ def test_flair_coregistration_recovers_the_head_motion_between_series(grid: str,
     assert max(errors.values()) <= 0.3, errors  # 0.07-0.18 measured; 0.27-0.83 with the gradient filters
 
 
+@pytest.mark.integration  # 2 mm phantoms, N4 and the mask's registration to the template
 def test_automatic_brain_mask_overlaps_the_true_one(anchors: dict) -> None:
     for sid, (raw, _, brain) in anchors.items():
         true_img = nib.as_closest_canonical(nib.load(Path(raw["b0"]).with_name("brain_mask.nii.gz")))
@@ -126,6 +128,7 @@ def _non_uniformity(volume: np.ndarray, wm: np.ndarray) -> float:
     return float(medians.std() / medians.mean())
 
 
+@pytest.mark.integration  # N4 on 2 mm phantoms
 def test_n4_removes_at_least_half_the_white_matter_non_uniformity(cohort: Path) -> None:
     truth = pd.read_csv(cohort.parent / "truth.csv").set_index("subject_id")
     for row in read_manifest(cohort, channels=CONFIG.channels).rows:

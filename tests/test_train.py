@@ -121,6 +121,7 @@ def test_2d_schedule_writes_every_phase_and_weights_rebuild_the_model(store, tmp
     assert (run / "2d/fold-0/attention/weights.pt").stat().st_mtime_ns == before
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("restore_best", [True, False])
 def test_phase_weights_come_from_the_best_or_the_last_epoch(store, tmp_path, restore_best):
     run = tmp_path / "run"
