@@ -20,8 +20,8 @@ Integrity (attrs "integrity"): every chunk (or shard) ends in a CRC32C of its en
 codec, after the compressor), so flipped bytes are an error instead of values near 1e33; and every chunk of a
 subject is written, zeros included, so a chunk file missing from a finished subject is damage, not "all fill
 value". The reader checks a subject's chunk files once per process, on its first read (a few stat calls), and
-turns any decode failure into one StoreError naming the subject; `verify_store` checks everything. A store
-written before the checksums (no "integrity" attr) stays readable; only decode errors are caught there.
+turns any decode failure into one StoreError naming the subject; data_prep.verify checks a whole store. A
+store written before the checksums (no "integrity" attr) stays readable; only decode errors are caught there.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ ARRAYS = ("volumes", "brain", "lesion")
 INTEGRITY = {"checksum": "crc32c", "empty_chunks": "written"}
 # what a subject's read may raise when its bytes are damaged: crc32c mismatch (ValueError), a codec's decode
 # error (RuntimeError from zstd/blosc), a short or unreadable file (OSError)
-_DAMAGE = (ValueError, RuntimeError, OSError)
+DAMAGE_ERRORS = (ValueError, RuntimeError, OSError)
 _VERSIONED = ("numpy", "zarr", "SimpleITK", "nibabel", "nilearn", "dask", "distributed", "stroke-tss")
 
 
@@ -91,7 +91,7 @@ class Store:
     @property
     def group(self):
         if self._group is None or self._pid != os.getpid():
-            self._group, self._arrays = _open_arrays(self.path, mode="r")
+            self._group, self._arrays = open_arrays(self.path, mode="r")
             self._complete = self._group.attrs.get("integrity", {}).get("empty_chunks") == "written"
             self._checked = set()
             self._pid = os.getpid()
@@ -142,8 +142,8 @@ class Store:
             self._checked.add(sid)
         try:
             return np.asarray(arr[(row, *selection)], dtype=dtype)
-        except _DAMAGE as exc:
-            raise StoreError(f"{name} chunk unreadable ({_why(exc)})", subject_id=sid, file=self.path,
+        except DAMAGE_ERRORS as exc:
+            raise StoreError(f"{name} chunk unreadable ({damage_reason(exc)})", subject_id=sid, file=self.path,
                              hint=redo_hint(self.path, sid)) from None
 
     def volume(self, sid: str) -> np.ndarray:
@@ -170,7 +170,7 @@ class Store:
         return self._read("lesion", sid, (), np.uint8)
 
 
-def _why(exc: Exception) -> str:
+def damage_reason(exc: Exception) -> str:
     if "checksum" in str(exc):  # zarr's crc32c codec; its message shows both checksums' raw bytes
         return "checksum mismatch: its bytes changed on disk"
     return f"{type(exc).__name__}: {exc}"
@@ -183,7 +183,7 @@ def redo_hint(path: str | Path, sid: str) -> str:
             "it re-processes that subject")
 
 
-def _open_arrays(path: Path, *, mode: str):
+def open_arrays(path: Path, *, mode: str):
     """(group, {name: array}); a cut-short or missing array zarr.json becomes one StoreError."""
     try:
         group = zarr.open_group(path, mode=mode)
@@ -297,7 +297,7 @@ def create_or_extend(path: str | Path, *, config: PrepConfig, subject_ids: list[
                              f"(hash {attrs.get('config_hash')} != {config.config_hash()}); "
                              "use a new store path or the store's own config (attrs 'prep_config')")
     if (path / "zarr.json").exists():
-        group, _ = _open_arrays(path, mode="r+")
+        group, _ = open_arrays(path, mode="r+")
     else:
         group = _create(path, config)
     index = dict(group.attrs.get("subject_index", {}))
@@ -363,7 +363,7 @@ def set_reference_histogram(path: str | Path, reference: dict) -> None:
 def write_subject(path: str | Path, row: int, *, volume: np.ndarray, brain: np.ndarray,
                   lesion: np.ndarray | None) -> None:
     """Worker: write one subject's block (whole shards, so concurrent subjects never share a file)."""
-    _, arrays = _open_arrays(Path(path), mode="r+")
+    _, arrays = open_arrays(Path(path), mode="r+")
     # every chunk on disk, zeros too: then a missing file of a finished subject is damage, never "all zero"
     vol, brain_arr, lesion_arr = (arrays[name].with_config({"write_empty_chunks": True}) for name in ARRAYS)
     vol[row] = volume.astype(vol.dtype)
@@ -405,63 +405,3 @@ def assemble_table(path: str | Path) -> pd.DataFrame:
         table = table.sort_values("index").reset_index(drop=True)
     table.to_csv(path / "subjects.csv", index=False)
     return table
-
-
-def verify_store(path: str | Path) -> list[str]:
-    """Check a store end to end: metadata, records, table, every finished subject's chunks (present and
-    decoding, checksums included). One line per problem: subject, what is wrong, what to re-run; [] = intact."""
-    path = Path(path)
-    try:
-        attrs = check_is_store(path)
-        _, arrays = _open_arrays(path, mode="r")
-    except StoreError as exc:
-        return [str(exc)]
-    problems: list[str] = []
-    index = attrs.get("subject_index") or {}
-    records: dict[str, dict] = {}
-    for file in sorted((path / "records").glob("*.json")):
-        sid = file.stem
-        try:
-            record = json.loads(file.read_text())
-            row = int(record["index"])
-        except (ValueError, KeyError, TypeError, OSError) as exc:
-            problems.append(f"subject {sid}: record {file} unreadable ({type(exc).__name__}); delete it and run "
-                            f"`stroke-tss prep MANIFEST {path}` again")
-            continue
-        if record.get("subject_id") != sid or index.get(sid) != row:
-            problems.append(f"subject {sid}: record {file} names subject {record.get('subject_id')!r} at row {row}, "
-                            f"the store has it at row {index.get(sid)}; {redo_hint(path, sid)}")
-            continue
-        records[sid] = record
-    try:
-        table = read_table(path)
-    except (ValueError, OSError) as exc:
-        table = None
-        problems.append(f"{path}/subjects.csv: unreadable ({type(exc).__name__}); run `stroke-tss prep MANIFEST "
-                        f"{path}` again, it rewrites the table from the records")
-    finished = done_subjects(path)
-    if table is not None and set(table["subject_id"]) != finished:
-        stale = sorted(set(table["subject_id"]) ^ finished)
-        problems.append(f"{path}/subjects.csv: out of date with the records (subjects {', '.join(stale[:5])}); "
-                        f"run `stroke-tss prep MANIFEST {path}` again, it rewrites the table")
-    reference = (attrs.get("reference_histogram") or {}).get("subject_id")
-    if reference is not None and reference not in finished:
-        problems.append(f"subject {reference}: the histogram reference has no record; "
-                        f"run `stroke-tss prep MANIFEST {path}` again with it in the manifest")
-    complete = attrs.get("integrity", {}).get("empty_chunks") == "written"
-    for sid, record in records.items():
-        row = int(record["index"])
-        missing = missing_chunks(path, arrays, row) if complete else []
-        if missing:
-            problems.append(f"subject {sid}: {len(missing)} chunk file(s) missing ({missing[0]}); "
-                            f"{redo_hint(path, sid)}")
-            continue
-        for name, arr in arrays.items():
-            try:
-                arr[row]
-            except _DAMAGE as exc:
-                problems.append(f"subject {sid}: {name} chunk unreadable ({_why(exc)}); "
-                                f"{redo_hint(path, sid)}")
-                break
-    return problems
-

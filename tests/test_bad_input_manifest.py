@@ -19,7 +19,8 @@ from data_prep.build import prep
 from data_prep.cohort import read_manifest
 from data_prep.errors import InputError
 from data_prep.paths import subject_path
-from data_prep.store import open_store, verify_store
+from data_prep.store import open_store
+from data_prep.verify import verify_store
 from stroke_tss.cli import main as cli_main
 from stroke_tss.tasks import subject_labels
 from tests.fixtures.data import TINY_PREP, tiny_prep_config

@@ -14,7 +14,8 @@ import zarr
 import zarr.codecs
 
 from data_prep.build import prep
-from data_prep.store import ARRAYS, StoreError, chunk_files, create_or_extend, open_store, verify_store
+from data_prep.store import ARRAYS, StoreError, chunk_files, create_or_extend, open_store
+from data_prep.verify import verify_store
 from stroke_tss.cli import main as cli_main
 from tests.fixtures.data import tiny_prep_config
 

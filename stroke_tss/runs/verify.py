@@ -6,7 +6,7 @@
 A run folder: config.yaml valid and agreeing with splits.json (and the subjects of splits.json in the store,
 when the store is there); every phase that finished has a weights.pt matching its digest, a metrics.json and
 a predictions.csv of its fold's subjects; every checkpoint tag matches the digests of its save, and
-best-weights.pt its own. A store: `data_prep.store.verify_store`, subject by subject.
+best-weights.pt its own. A store: `data_prep.verify.verify_store`, subject by subject.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import pandas as pd
 
 from data_prep import store as stores
 from data_prep.errors import InputError
+from data_prep.verify import verify_store
 from hpc.checkpoint import Checkpoints, load_file
 from hpc.errors import CheckpointError
 from stroke_tss.config import Config
@@ -60,7 +61,7 @@ def verify(path: str | Path) -> Report:
     path = Path(path)
     if (path / "zarr.json").is_file():
         report = Report(path, "store")
-        report.damaged += stores.verify_store(path)
+        report.damaged += verify_store(path)
         try:
             report.counts["subjects in its table"] = len(stores.open_store(path).table)
         except InputError:
