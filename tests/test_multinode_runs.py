@@ -70,7 +70,8 @@ def _config_3d(folder: Path, store: Path, run: Path) -> Path:
         f"extends: {REPO / 'configs' / 'tss3d.yaml'}", f"data: {{store: {store}}}", f"run: {{dir: {run}}}",
         "cv: {folds: 2}", "model: {options: {base_channels: 4}}",
         "train: {num_workers: 0, threads: 1, batch_size: 2, stopping: {max_epochs: 2, min_epochs: 1}}",
-        "genesis: {base_channels: 4, epochs: 4, crop: [16, 16, 8], crops_per_subject: 2, batch_size: 2}",
+        # enough Genesis epochs (a few seconds) for the USR2 to land while it trains
+        "genesis: {base_channels: 4, epochs: 40, crop: [16, 16, 8], crops_per_subject: 2, batch_size: 2}",
         "phases: {tss4h5: null, attention: null}", "variants: {3d_scratch: null}",
         "engine: {timeout_s: 120}",
         "launch: {executor: slurm, partition: debug, nodes: 2, tasks_per_node: 1, cpus_per_task: 1,",
@@ -99,13 +100,14 @@ def test_cv_no_wait_submits_genesis_and_two_node_folds_that_wait_for_it(multinod
     assert any("Dependency" in r for r in reasons), reasons
 
     # Genesis preempted mid-run: it saves, submitit requeues it under the same id, and it resumes
-    first = run / "genesis" / "ckpt" / "epoch-0001" / "done"
-    wait_for(first.is_file, "Genesis' first epoch", 240)
+    genesis_log = run / "jobs" / "submitit" / f"{genesis}_0_log.err"
+    wait_for(lambda: genesis_log.is_file() and "genesis epoch 0:" in genesis_log.read_text(), "Genesis' first epoch",
+             240)
     multinode_cluster.run("scancel", "--signal=USR2", genesis)
     wait_for(lambda: all(job_state(multinode_cluster, f"{array}_{k}") in ("COMPLETED", "FAILED", "CANCELLED")
                          for k in (0, 1)), "the folds to end", 480)
-    genesis_log = (run / "jobs" / "submitit" / f"{genesis}_0_log.err").read_text()
-    assert re.search(r"resumed \S+genesis at epoch \d+, step \d+", genesis_log), genesis_log[-3000:]
+    text = genesis_log.read_text()
+    assert re.search(r"resumed \S+genesis at epoch \d+, step \d+", text), text[-3000:]
     assert job_state(multinode_cluster, genesis) == "COMPLETED"
     assert [job_state(multinode_cluster, f"{array}_{k}") for k in (0, 1)] == ["COMPLETED", "COMPLETED"]
     nodes = multinode_cluster.run("squeue", "-h", "--states=all", "-j", f"{genesis},{array}", "-o", "%N").stdout

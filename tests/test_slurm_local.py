@@ -205,8 +205,9 @@ def test_nodes_live_in_namespaces_of_their_own_and_down_removes_them(multinode_c
     links = _ip("link", "show")
     assert f"sttss-br{k}" not in links and f"sttss{k}-v" not in links
     assert not Path(env["STROKE_TSS_SLURM_DIR"]).exists()
-    multinode_cluster.run("sinfo", "-h")  # the session's two-node cluster is untouched
-    assert all(alive(int(pid)) for pid in multinode_cluster.env["STROKE_TSS_SLURM_PIDS"].split())
+    # the session's two-node cluster is untouched: its controller runs and both nodes answer
+    assert all(alive(int(pid)) for pid in multinode_cluster.env["STROKE_TSS_SLURM_PIDS"].split()[:2])
+    assert multinode_cluster.run("sinfo", "-h", "-N", "-o", "%N").stdout.split() == ["node1", "node2"]
 
 
 def _ip(*args: str) -> str:

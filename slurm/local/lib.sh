@@ -63,4 +63,10 @@ net_down() {
         ip netns del "$ns" 2>/dev/null || true   # also removes both ends of its veth
     done
     ip link del "sttss-br$k" 2>/dev/null || true
+    # The kernel tears links down after `ip` returned: wait, so that "down" means gone.
+    for _ in $(seq 100); do
+        ip -o link show 2>/dev/null | grep -Eq ": (sttss-br$k|sttss$k-v[0-9]+)[@:]" || return 0
+        sleep 0.1
+    done
+    echo "slurm/local: links of cluster $k still there after 10 s: $(ip -o link show | grep -Eo "sttss-br$k|sttss$k-v[0-9]+" | xargs)" >&2
 }
