@@ -208,6 +208,35 @@ def test_a_lost_node_ends_the_job_with_one_line_and_the_requeue_resumes(multinod
     state = wait_done(multinode_cluster, job, log, timeout=300)
     text = log.read_text(errors="replace")
     assert state == "COMPLETED", text[-4000:]
-    assert "DUE TO NODE FAILURE" in text and re.findall(rf"job {job} attempt (\d)", text) == ["1", "2"]
+    assert re.search(r"Node failure on node2|DUE TO NODE FAILURE", text), text[-4000:]
+    assert re.findall(rf"job {job} attempt (\d)", text) == ["1", "2"]
     assert re.search(r"resumed \S+ at epoch [1-9]\d*, step \d+", text), "resumed from a checkpoint"
     assert_same_weights(run, reference["run"])
+
+
+def test_a_store_copy_cut_short_is_never_read(multinode_cluster, store, reference, tmp_path):
+    """The job is requeued while it copies the store to the nodes' $TMPDIR (many small files, as a Zarr store
+    is): the cut copy stays under its temporary name, the next attempt copies afresh, and the run ends with
+    the uninterrupted weights (a partial copy would read its missing chunks as zeros)."""
+    import shutil
+
+    padded = tmp_path / "store.zarr"
+    shutil.copytree(store, padded)
+    pad = padded / "zz-padding"  # not a Zarr key: read by no one, it only makes the copy take seconds
+    pad.mkdir()
+    for i in range(20000):
+        (pad / f"f{i}").touch()
+    run = tmp_path / "run"
+    job, log = submit(multinode_cluster, "ddp_multinode", tmp_path, write_config(tmp_path, store, run),
+                      STORE=str(padded), TMPDIR=str(multinode_cluster.node_tmp))
+    partial = multinode_cluster.node_folder("node1") / f"stroke-tss-store-{job}.partial"
+    wait_for(partial.is_dir, "the copy to start", 180, log)
+    multinode_cluster.run("scontrol", "requeue", job)
+    state = wait_done(multinode_cluster, job, log, timeout=300)
+    text = log.read_text(errors="replace")
+    assert state == "COMPLETED", text[-4000:]
+    assert re.findall(rf"job {job} attempt (\d)", text) == ["1", "2"] and "DUE TO JOB REQUEUE" in text
+    assert_same_weights(run, reference["run"])
+    for node in ("node1", "node2"):
+        left = list(multinode_cluster.node_folder(node).glob("stroke-tss-store-*"))
+        assert not left, f"{node}: store copy left behind: {left}"
