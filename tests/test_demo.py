@@ -1,8 +1,10 @@
-"""`stroke-tss demo` end to end at the smallest size that still cross-validates (20 subjects, 2 folds, 1 epoch).
+"""`stroke-tss demo` end to end at the smallest size that still learns lesion detection (60 subjects, 2 folds,
+the 2D lesion phase 12 epochs, every other phase 1 epoch).
 
-What a newcomer relies on: every stage runs and says so, the report compares 2d with 2d_scratch (DeLong), the
-Grad-CAM picture exists, the quality gates are computed and written, and a second run resumes instead of
-redoing the work. The gates' targets are checked at demo size (README, closing notes), not here.
+What a newcomer relies on: every stage runs and says so, the detector learns to find lesions in subjects it
+never saw, the report compares 2d with 2d_scratch (DeLong), the Grad-CAM picture exists, the quality gates are
+computed and written, and a second run resumes instead of redoing the work. The gates' targets are checked at
+demo size (README, closing notes), not here.
 """
 
 from __future__ import annotations
@@ -17,21 +19,27 @@ import matplotlib.image as mpimg
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# one epoch everywhere, the lesion phases' own stopping included
-ONE_EPOCH = [f"{at}.stopping.{key}=1" for at in ("train", "phases.lesion", "variants.3d.phases.lesion")
-             for key in ("max_epochs", "min_epochs")]
-SMALL = ["--subjects", "20", "cv.folds=2", *ONE_EPOCH, "train.max_steps_per_epoch=2", "genesis.epochs=1",
-         "genesis.crops_per_subject=1"]
+# One epoch everywhere but the 2D lesion phase. Measured with the held-out pooled lesion_present AUC of 2d
+# (chance's 95% range at these sizes about 0.40-0.60): at 20 subjects it stays at chance whatever the epochs
+# (seeds 0-2: 0.44-0.68 with 1-24 epochs); at 40 subjects, 12 epochs, 0.54-0.71; at 60 subjects, 12 epochs
+# (this test), 0.687, 0.652 and 0.591 for seeds 0, 1 and 2; 24 epochs learnt no more. Training is
+# deterministic on CPU, so the test's seed 0 gives its 0.687 every time; seed 2 shows how weak learning
+# still is at this size (the demo's 100 subjects, 5 folds and 24 epochs reach 0.80-0.84).
+ONE_EPOCH = [f"{at}.stopping.{key}=1" for at in ("train", "variants.3d.phases.lesion") for key in ("max_epochs", "min_epochs")]
+SMALL = ["--subjects", "60", "cv.folds=2", *ONE_EPOCH, "phases.lesion.stopping.max_epochs=12",
+         "phases.lesion.stopping.min_epochs=12", "genesis.epochs=1", "genesis.crops_per_subject=1"]
+LEARNS_DETECTION = 0.6  # above chance's 95% range (120 hemispheres); seed 0 measured 0.687
 
 
 def _demo(out: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "stroke_tss", "demo", "--out", str(out), *SMALL], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=1200)
+                          env=env, capture_output=True, text=True, timeout=1500)
 
 
 @pytest.mark.integration
-def test_demo_runs_every_stage_reports_and_resumes(tmp_path):
+@pytest.mark.timeout(2400)  # prep of 60 subjects is most of it: 3-4 minutes on a busy 2-core box
+def test_demo_runs_every_stage_learns_detection_reports_and_resumes(tmp_path):
     out = tmp_path / "demo"
     first = _demo(out)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -46,6 +54,11 @@ def test_demo_runs_every_stage_reports_and_resumes(tmp_path):
         assert f"{'PASS' if gate['passed'] else 'MISS'}  {gate['name']}" in first.stdout
 
     summary = json.loads((out / "run" / "summary.json").read_text())
+    # the 2D detector learnt to find lesions in held-out subjects, and the gate reports the best detector
+    detection = summary["2d/lesion"]["hemisphere"]
+    assert detection["n"] == 120 and detection["auc"] >= LEARNS_DETECTION, detection
+    best = max(e["hemisphere"]["auc"] for e in summary.values() if e["task"] == "lesion_present")
+    assert gates["lesion_present AUC"]["value"] == pytest.approx(best, abs=1e-3)
     assert {(e["variant"], e["phase"]) for e in summary.values()} == {  # 2d_scratch has no lesion phase
         (v, p) for v in ("2d", "2d_scratch", "3d") for p in ("lesion", "tss3h", "tss4h5", "attention")} - {
         ("2d_scratch", "lesion")}
