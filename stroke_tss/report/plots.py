@@ -13,6 +13,8 @@ import pandas as pd  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
+from stroke_tss.tasks import get_task  # noqa: E402
+
 # What a learning curve shows: losses and ranking/threshold metrics. log.jsonl also holds bookkeeping
 # (steps, best_epoch, train_seconds, ...) that would only crowd the figure.
 _METRICS = {"auc", "accuracy", "sensitivity", "specificity", "f1", "ap", "brier", "ppv", "npv"}
@@ -37,7 +39,7 @@ def roc_plot(test: pd.DataFrame, path: str | Path, *, task: str) -> Path:
         fpr, tpr, _ = roc_curve(g["label"], g["probability"])
         ax.plot(fpr, tpr, label=f"{label} (AUC {roc_auc_score(g['label'], g['probability']):.3f})")
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC: {task}", xlim=(0, 1), ylim=(0, 1.01))
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC: {get_task(task).display}", xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right", fontsize=7)
     return _save(fig, path)
 
@@ -50,7 +52,7 @@ def reliability_plot(test: pd.DataFrame, path: str | Path, *, task: str, num_bin
         brier = float(np.mean((g["probability"] - g["label"]) ** 2))
         ax.plot(predicted, observed, marker="o", ms=3, label=f"{label} (Brier {brier:.3f})")
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
-    ax.set(xlabel="predicted probability", ylabel="observed share positive", title=f"Calibration: {task}",
+    ax.set(xlabel="predicted probability", ylabel="observed share positive", title=f"Calibration: {get_task(task).display}",
            xlim=(0, 1), ylim=(0, 1))
     ax.legend(loc="upper left", fontsize=7)
     return _save(fig, path)
