@@ -138,6 +138,7 @@ def _files_outside(root: Path, store: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file() and store not in p.parents and p.suffix != ".csv"]
 
 
+@pytest.mark.integration
 def test_prep_with_unsafe_ids_writes_nothing_outside_the_store(tiny_cohort, client, tmp_path) -> None:
     table = _absolute(tiny_cohort, tmp_path / "m.csv", rows=[0, 0, 0, 0])
     table["subject_id"] = ["../../escape", "a/b", "x" * 300, "sub-001"]  # the bad rows come first
@@ -155,6 +156,7 @@ def test_prep_with_unsafe_ids_writes_nothing_outside_the_store(tiny_cohort, clie
     assert len(pd.read_csv(store / "failures.csv")) == 3
 
 
+@pytest.mark.integration
 def test_bad_reference_subject_is_refused_before_the_store_exists(tiny_cohort, tmp_path) -> None:
     _absolute(tiny_cohort, tmp_path / "m.csv", rows=[0, 1])
     store = tmp_path / "store.zarr"
@@ -173,6 +175,7 @@ def test_bad_reference_subject_is_refused_before_the_store_exists(tiny_cohort, t
     assert not store.exists()
 
 
+@pytest.mark.integration
 def test_a_reference_that_failed_leaves_a_store_the_corrected_config_can_use(tiny_cohort, client, tmp_path):
     table = _absolute(tiny_cohort, tmp_path / "m.csv", rows=[0, 1])
     broken = tmp_path / "flair.nii.gz"
@@ -200,6 +203,7 @@ def store_copy(tiny_store: Path, tmp_path: Path) -> Path:
     return copy
 
 
+@pytest.mark.integration
 def test_fixed_onset_reaches_the_labels_without_reprocessing(tiny_cohort, store_copy, tmp_path, capsys) -> None:
     table = _absolute(tiny_cohort, tmp_path / "m.csv")
     before = open_store(store_copy)
@@ -221,6 +225,7 @@ def test_fixed_onset_reaches_the_labels_without_reprocessing(tiny_cohort, store_
         np.testing.assert_array_equal(after.volume(s), vol)  # nothing re-processed
 
 
+@pytest.mark.integration
 def test_changed_input_file_is_reprocessed_and_a_copied_one_is_not(tiny_cohort, store_copy, client, tmp_path):
     table = _absolute(tiny_cohort, tmp_path / "m.csv")
     moved = tmp_path / "moved"
@@ -249,6 +254,7 @@ def test_changed_input_file_is_reprocessed_and_a_copied_one_is_not(tiny_cohort, 
     assert verify_store(store_copy) == []
 
 
+@pytest.mark.integration
 def test_records_of_an_earlier_version_are_adopted_not_reprocessed(tiny_cohort, store_copy, tmp_path) -> None:
     record = store_copy / "records" / "sub-004.json"
     old = json.loads(record.read_text())
@@ -258,6 +264,7 @@ def test_records_of_an_earlier_version_are_adopted_not_reprocessed(tiny_cohort, 
     assert json.loads(record.read_text())["inputs"]["files"] == old["inputs"]["files"]
 
 
+@pytest.mark.integration
 def test_predict_with_an_unsafe_id_scores_the_rest_and_says_which_it_did_not(trained_run, tiny_cohort, tmp_path,
                                                                               capsys) -> None:
     table = _absolute(tiny_cohort, tmp_path / "new.csv", rows=[1, 1])
