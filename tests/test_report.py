@@ -180,3 +180,49 @@ def test_report_on_a_trained_run_sets_2d_beside_2d_scratch(tmp_path):
     assert list(shown["phase"][:4]) == ["lesion", "tss3h", "tss4h5", "attention"]
     for phase in ("lesion", "tss3h", "tss4h5", "attention"):
         assert mpimg.imread(run / f"learning_{phase}.png").ndim == 3
+
+
+def test_summary_and_report_carry_the_ceiling_phase_3_to_4_and_genesis_provenance(tmp_path):
+    """summary.json's run-level keys (beside the variant/phase rows every reader iterates) and the report's
+    sections: the ceiling equals the ceiling module's on the run's folds, phase 3 -> 4 is attention minus
+    tss4h5 by scikit-learn, a variant without the attention phase has no difference, Genesis says what it saw."""
+    from stroke_tss.report.ceiling import run_ceilings
+    from stroke_tss.runs.summary import format_summary, read_summary, rows, write_summary
+    from tests.onset_store import fake_run, onset_store
+
+    store = onset_store(tmp_path / "store.zarr", num_subjects=32, seed=2)
+    run = tmp_path / "run"
+    run.mkdir()
+    onset = {"tss4h5": "tss_lt_4h5", "attention": "tss_lt_4h5"}
+    fake_run(run, store.path, phases={"2d": {"lesion": "lesion_present", **onset}, "2d_scratch": {"tss4h5": "tss_lt_4h5"}})
+    for k in (0, 1, 2):
+        (run / "genesis" / f"fold-{k}").mkdir(parents=True)
+        (run / "genesis" / f"fold-{k}" / "subjects.json").write_text(json.dumps(
+            {"mode": "per_fold", "fold": k, "subjects": ["sub-00"], "test_subjects_seen": 0}))
+    write_summary(run, num_resamples=50)
+    summary = read_summary(run)
+    assert set(rows(summary)) == {"2d/lesion", "2d/tss4h5", "2d/attention", "2d_scratch/tss4h5"}
+    assert summary["ceiling"] == json.loads(json.dumps(run_ceilings(run)))
+    ceiling = summary["ceiling"]["tss_lt_4h5"]["ceiling"]
+    assert 0.5 < ceiling <= 1
+
+    pred = collect_predictions([run])
+    test = pred[(pred["split"] == "test") & (pred["variant"] == "2d")]
+    auc = {p: roc_auc_score(g["label"], g["probability"]) for p, g in test.groupby("phase") if p in onset}
+    assert set(summary["phase_3_to_4"]) == {"2d"}  # 2d_scratch has no attention phase
+    assert summary["phase_3_to_4"]["2d"]["difference"] == pytest.approx(auc["attention"] - auc["tss4h5"], abs=1e-12)
+    terminal = format_summary(summary)
+    assert f"ceiling tss_lt_4h5: {ceiling:.3f}" in terminal and "phase 3 -> 4 2d: " in terminal
+
+    text = write_report([run], num_resamples=50).read_text()
+    parts = summary["ceiling"]["tss_lt_4h5"]["parts"]
+    assert f"| tss_lt_4h5 | {parts['flair']:.3f} | {parts['b0']:.3f} | {parts['flair_b0']:.3f} | " \
+           f"{parts['logistic']:.3f} | {ceiling:.3f}" in text
+    assert f"| 2d | {auc['tss4h5']:.3f} | {auc['attention']:.3f} | {auc['attention'] - auc['tss4h5']:+.3f} |" in text
+    assert "Models Genesis: per fold, on each fold's non-test subjects (3 pretraining(s)); test subjects seen: 0" in text
+
+
+def test_report_without_store_or_genesis_says_so(run, tmp_path):
+    text = write_report([run], out_dir=tmp_path / "out", num_resamples=50).read_text()
+    assert "tss_lt_4h5: no ceiling (" in text and "names no data.store" in text
+    assert "Models Genesis" not in text

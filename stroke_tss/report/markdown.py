@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -9,10 +10,20 @@ import pandas as pd
 
 from data_prep.store import StoreError, open_store
 from stroke_tss.report import clinical, plots
-from stroke_tss.report.collect import collect_logs, collect_predictions, schedule_order, store_path
+from stroke_tss.report.ceiling import PARTS, run_ceilings
+from stroke_tss.report.collect import (
+    _run_names,
+    collect_logs,
+    collect_predictions,
+    schedule_order,
+    store_path,
+)
 from stroke_tss.report.tables import (
     LEVELS,
+    PHASE_3,
+    PHASE_4,
     delong_table,
+    phase_3_to_4,
     pooled_test,
     sensitivity_at_specificity_table,
     table2,
@@ -80,6 +91,7 @@ def write_report(runs: list[str | Path], *, out_dir: str | Path | None = None, s
           f"95% CIs from {num_resamples} subject bootstrap resamples.", ""]
     for level, t in zip(LEVELS, tables):
         md += [f"## Table 2 — {level} level", "", _table2_md(t) if not t.empty else "(no test predictions)", ""]
+    md += _ceiling_section(runs, pred, store) + _phase_gain_section(tables[0]) + _genesis_lines(runs)
 
     test = pooled_test(pred)
     md += ["## ROC and calibration", ""]
@@ -108,6 +120,66 @@ def write_report(runs: list[str | Path], *, out_dir: str | Path | None = None, s
     path = out / "report.md"
     path.write_text("\n".join(md) + "\n")
     return path
+
+
+def _f3(x) -> str:
+    return "–" if x is None or pd.isna(x) else f"{x:.3f}"
+
+
+PART_NAMES = {"flair": "-FLAIR", "b0": "-b0", "flair_b0": "-(FLAIR+b0)", "logistic": "logistic (inputs)"}
+
+
+def _ceiling_section(runs: list[Path], pred: pd.DataFrame, store) -> list[str]:
+    """Per run and onset task: each true-lesion readout's pooled test AUC and the best of them."""
+    rows, notes = [], []
+    for run, name in zip(runs, _run_names(runs)):
+        tested = sorted(int(k) for k in pred.loc[(pred["run"] == name) & (pred["split"] == "test"), "fold"].unique())
+        for task, entry in run_ceilings(run, folds=tested, store=store).items():
+            if entry["ceiling"] is None:
+                notes.append(f"{name}, {task}: no ceiling ({entry['reason']})")
+                continue
+            rows.append({"run": name, "task": task, **{PART_NAMES[p]: _f3(entry["parts"][p]) for p in PARTS},
+                         "ceiling": f"{entry['ceiling']:.3f} ({PART_NAMES[entry['best']]})",
+                         "n (early)": f"{entry['n']} ({entry['n_positive']})"})
+    md = ["## Onset ceiling (mean of each channel over the true lesion, pooled test hemispheres)", "",
+          "What a reader with a perfect segmentation gets from the images: unfitted means (lower = earlier) and "
+          "a logistic regression fitted on each fold's non-test hemispheres; the ceiling is the best.", ""]
+    if rows:
+        shown = [c for c in rows[0] if c != "run" or len(runs) > 1]
+        md += [md_table(pd.DataFrame(rows), {c: c for c in shown}), ""]
+    return md + [f"- {n}" for n in notes] + ([""] if notes else [])
+
+
+def _phase_gain_section(hemi: pd.DataFrame) -> list[str]:
+    gains = phase_3_to_4(hemi)
+    if not gains:
+        return []
+    table = pd.DataFrame([{"model": k, **v} for k, v in gains.items()])
+    return [f"## Phase 3 -> 4: {PHASE_4} minus {PHASE_3} (tss_lt_4h5, hemisphere level)", "",
+            md_table(table, {"model": "model", f"AUC {PHASE_3}": lambda r: _f3(r["phase_3_auc"]),
+                             f"AUC {PHASE_4}": lambda r: _f3(r["phase_4_auc"]),
+                             "difference": lambda r: f"{r['difference']:+.3f}"}), ""]
+
+
+GENESIS_MODES = {"per_fold": "per fold, on each fold's non-test subjects", "pool": "on a pool outside the cohort",
+                 "all": "on every subject of the store", "train": "on fold 0's training subjects"}
+
+
+def genesis_provenance(run: Path) -> str | None:
+    """One line on what Models Genesis pretrained on, from RUN/genesis/**/subjects.json; None without them."""
+    records = [json.loads(p.read_text()) for p in sorted(Path(run).glob("genesis/**/subjects.json"))]
+    if not records:
+        return None
+    modes = sorted({str(r.get("mode")) for r in records})
+    seen = sum(int(r.get("test_subjects_seen") or 0) for r in records)
+    where = "; ".join(GENESIS_MODES.get(m, m) for m in modes)
+    return f"Models Genesis: {where} ({len(records)} pretraining(s)); test subjects seen: {seen}"
+
+
+def _genesis_lines(runs: list[Path]) -> list[str]:
+    lines = [(run.name, genesis_provenance(run)) for run in runs]
+    lines = [f"{name}: {line}" if len(runs) > 1 else line for name, line in lines if line]
+    return [*lines, ""] if lines else []
 
 
 def _clinical_sections(runs, store, *, specificity, num_resamples, seed) -> list[str]:

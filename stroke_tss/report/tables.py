@@ -107,3 +107,24 @@ def sensitivity_at_specificity_table(pred: pd.DataFrame, *, specificity: float =
         rows.append({**dict(zip(GROUP, keys)), "level": level, "specificity_target": specificity,
                      "sensitivity": sens, "threshold": threshold})
     return pd.DataFrame(rows)
+
+
+PHASE_3, PHASE_4 = "tss4h5", "attention"
+"""The paper's phase 3 (TSS < 4.5 h from the < 3 h weights) and phase 4 (the soft attention fine-tuned)."""
+
+
+def phase_3_to_4(hemi: pd.DataFrame, *, task: str = "tss_lt_4h5") -> dict[str, dict]:
+    """Per variant that has both phases on `task` (a Table 2 frame, hemisphere level): phase 4's AUC minus
+    phase 3's, the gain the paper reports for refining the attention. Variants lacking a phase are left out."""
+    if hemi.empty:
+        return {}
+    rows = hemi[(hemi["task"] == task) & hemi["phase"].isin((PHASE_3, PHASE_4))]
+    keys = ["run", "variant"] if rows["run"].nunique() > 1 else ["variant"]
+    out = {}
+    for key, g in rows.groupby(keys, sort=False):
+        auc = g.set_index("phase")["auc"]
+        if {PHASE_3, PHASE_4} <= set(auc.index) and auc.notna().all():
+            out["/".join(map(str, key))] = {
+                "task": task, "phase_3": PHASE_3, "phase_4": PHASE_4, "phase_3_auc": float(auc[PHASE_3]),
+                "phase_4_auc": float(auc[PHASE_4]), "difference": float(auc[PHASE_4] - auc[PHASE_3])}
+    return out
