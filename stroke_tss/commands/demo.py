@@ -1,4 +1,8 @@
-"""The whole method on a phantom cohort: synth -> prep -> cv (2d, 3d, 2d_scratch) -> report + Grad-CAM."""
+"""The whole method on a phantom cohort: synth -> prep -> cv (2d, 3d, 2d_scratch) -> report + Grad-CAM.
+
+`--gates OUT0 OUT1 ...` runs nothing: it reads the demo.json of finished demos (one per seed) and prints each
+gate per seed and over the seeds.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from pathlib import Path
 from stroke_tss.commands.common import EXECUTORS
 from stroke_tss.errors import UserError
 from stroke_tss.runs.demo import run_demo
+from stroke_tss.runs.gates import combine_seeds, format_seed_table, read_demo_results
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,10 +27,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="Dask workers for prep")
     parser.add_argument("--lesions", type=Path, default=None,
                         help="folder of real lesion masks (default: ../shared/data/soop/lesions when present)")
+    parser.add_argument("--gates", type=Path, nargs="+", metavar="OUT", default=None,
+                        help="run nothing: combine the gates of finished demos (their --out folders, one per seed)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo's experiment config")
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.gates:
+        print(format_seed_table(combine_seeds(read_demo_results(args.gates))))
+        return 0
     if args.subjects is not None and args.subjects < 20:
         raise UserError(f"--subjects {args.subjects}: cross-validation needs at least 20 subjects")
     if args.lesions is not None and not args.lesions.is_dir():

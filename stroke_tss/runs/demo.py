@@ -5,7 +5,9 @@
 
 Every stage resumes: the cohort is deterministic per seed and kept, prep skips finished subjects, cv skips
 finished phases. So a demo stopped half-way continues where it stopped when run again on the same --out.
-The quality gates (`quality_gates`) are what the paper claims, checked on the pooled out-of-fold predictions.
+The quality gates (stroke_tss.runs.gates) measure the networks against what the images carry (the onset
+ceiling in summary.json), on the pooled out-of-fold predictions; `stroke-tss demo --gates OUT...` combines
+the demo.json of several seeds.
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ from stroke_tss.config.prep import load_prep_config
 from stroke_tss.errors import UserError
 from stroke_tss.explain import explain_subject
 from stroke_tss.report import write_report
-from stroke_tss.report.collect import collect_predictions
-from stroke_tss.report.tables import delong_table, table2
 from stroke_tss.runs.cv import run_cv
+from stroke_tss.runs.gates import evaluate, format_gates
 from stroke_tss.runs.stages import StageTimer
+from stroke_tss.runs.summary import read_summary
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +62,6 @@ SIZES = {
 }
 
 
-@dataclass(frozen=True)
-class Gate:
-    name: str
-    value: float | None
-    target: float
-    passed: bool
-    detail: str = ""
-
-
 def run_demo(out: Path, *, size: str = "small", executor: str = "local", seed: int = 0,
              subjects: int | None = None, workers: int = 2, lesions: Path | None = None,
              overrides: list[str] = ()) -> dict:
@@ -93,10 +86,11 @@ def run_demo(out: Path, *, size: str = "small", executor: str = "local", seed: i
     gradcam = timer.run("grad-cam", spec.budgets_s["grad-cam"], lambda: _gradcam(out / "run", out / "store.zarr"))
 
     oracle = json.loads((out / "cohort" / "oracle.json").read_text())
-    gates = quality_gates(out / "run", oracle=oracle)
+    checked = evaluate(out / "run", table=open_store(out / "store.zarr").table,
+                       ceilings=read_summary(out / "run").get("ceiling") or {}, oracle=oracle)
     result = {"out": str(out), "size": size, "seed": seed, "subjects": num_subjects, "oracle": oracle,
-              "stages": timer.records, "total_s": round(timer.elapsed_s, 1),
-              "gates": [g.__dict__ for g in gates], "report": str(report), "gradcam": gradcam}
+              "stages": timer.records, "total_s": round(timer.elapsed_s, 1), **checked,
+              "report": str(report), "gradcam": gradcam}
     (out / "demo.json").write_text(json.dumps(result, indent=2, default=str))
     print(format_result(result, timer))
     return result
@@ -149,49 +143,18 @@ def _gradcam(run_dir: Path, store_path: Path) -> dict:
     return {"subject": str(sid), **result}
 
 
-def quality_gates(run_dir: Path, *, oracle: dict, lesion_target: float = 0.95, tss_share: float = 0.9) -> list[Gate]:
-    """The paper's claims on pooled out-of-fold test predictions (subject-level AUC where a subject has one label).
-
-    lesion_present AUC >= lesion_target (best variant); best tss_lt_4h5 AUC >= tss_share x the oracle's; and
-    transfer helps: 2d beats 2d_scratch on tss_lt_4h5 (paired DeLong p reported, not required to be small).
-    """
-    pred = collect_predictions([run_dir])
-    hemi = table2(pred, level="hemisphere", num_resamples=200)
-    lesion = hemi[hemi["task"] == "lesion_present"]
-    tss = hemi[(hemi["task"] == "tss_lt_4h5")]
-    gates = []
-    best_lesion = lesion.loc[lesion["auc"].idxmax()] if len(lesion) else None
-    gates.append(Gate("lesion_present AUC", _val(best_lesion, "auc"), lesion_target,
-                      _val(best_lesion, "auc", -1) >= lesion_target, _who(best_lesion)))
-    best_tss = tss.loc[tss["auc"].idxmax()] if len(tss) else None
-    target = tss_share * float(oracle["tss_lt_4h5"])
-    gates.append(Gate("best tss_lt_4h5 AUC", _val(best_tss, "auc"), round(target, 3),
-                      _val(best_tss, "auc", -1) >= target, f"{_who(best_tss)}; oracle {oracle['tss_lt_4h5']:.3f}"))
-    by_variant = tss[tss["phase"] == "tss4h5"].set_index("variant")["auc"]
-    if {"2d", "2d_scratch"} <= set(by_variant.index):
-        dl = delong_table(pred[pred["phase"] == "tss4h5"], level="hemisphere")
-        pair = dl[dl["model_a"].isin(["2d", "2d_scratch"]) & dl["model_b"].isin(["2d", "2d_scratch"])]
-        p = float(pair["p_value"].iloc[0]) if len(pair) and "p_value" in pair else float("nan")
-        diff = float(by_variant["2d"] - by_variant["2d_scratch"])
-        gates.append(Gate("2d - 2d_scratch tss_lt_4h5 AUC", round(diff, 3), 0.0, diff > 0,
-                          f"2d {by_variant['2d']:.3f} vs 2d_scratch {by_variant['2d_scratch']:.3f}, DeLong p={p:.3f}"))
-    return gates
-
-
-def _val(row, key: str, missing=None):
-    return missing if row is None or pd.isna(row[key]) else round(float(row[key]), 3)
-
-
-def _who(row) -> str:
-    return "no predictions" if row is None else f"{row['variant']}/{row['phase']}"
-
-
 def format_result(result: dict, timer: StageTimer) -> str:
-    lines = ["", "stroke-tss demo: done", timer.summary(), "", "quality gates (pooled out-of-fold test, hemispheres):"]
-    for g in result["gates"]:
-        value = "-" if g["value"] is None else f"{g['value']:.3f}"
-        lines.append(f"  {'PASS' if g['passed'] else 'MISS'}  {g['name']:<32} {value:>6} (target {g['target']})  "
-                     f"{g['detail']}")
+    lines = ["", "stroke-tss demo: done", timer.summary(), "",
+             f"quality gates, seed {result['seed']} (pooled out-of-fold test hemispheres):", *format_gates(result["gates"]),
+             "reported, not gated:"]
+    reported = result["reported"]
+    lines += [f"  latent oracle {task}: {auc:.3f}" for task, auc in reported["latent_oracle"].items()
+              if isinstance(auc, (int, float))]
+    lines += [f"  phase 3 -> 4 {v}: {d['difference']:+.3f} ({d['phase_4']} {d['phase_4_auc']:.3f} vs {d['phase_3']} "
+              f"{d['phase_3_auc']:.3f})" for v, d in reported["phase_3_to_4"].items()]
+    if reported["3d_minus_3d_scratch"]:
+        d = reported["3d_minus_3d_scratch"]
+        lines.append(f"  3d - 3d_scratch tss_lt_4h5: {d['difference']:+.3f} (DeLong p={d['delong_p']})")
     out = Path(result["out"])
     lines += ["", f"report:   {result['report']}", f"ROC:      {out / 'run' / 'roc_tss_lt_4h5.png'}",
               f"summary:  {out / 'run' / 'summary.json'}"]
