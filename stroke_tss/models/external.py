@@ -4,6 +4,15 @@ Nothing downloads: every loader takes a file the user already has (or a state di
 input channels differ (Genesis has 1, our classifiers 3; adjacent slices multiply them), its kernel is
 inflated: repeated along the input-channel axis and divided by the repeat count, so a constant input
 gives the same response as before.
+
+Layouts that load (a raw state dict, or one under "state_dict" or "model"; `module.` prefixes dropped):
+- `load_torchvision_resnet18` (slicewise2d, e.g. ImageNet's resnet18-f37072fd.pth): torchvision's ResNet-18
+  keys, conv1.weight, bn1.*, layer1.0.conv1.weight ... layer4.1.bn2.*, layer{2,3,4}.0.downsample.{0,1}.*
+  (fc.* is dropped); every backbone key must be there, at the model's width (base_channels 64 for torchvision's).
+- `load_encoder_weights` (encoder3d, unet3d): the Models Genesis U-Net's keys, down_tr{64,128,256,512}.ops.{0,1}.
+  {conv1,bn1}.* (the released Genesis_Chest_CT.pt, under "state_dict" with `module.`; or a weights.pt of our
+  unet3d); up_tr*/out_tr* load only into unet3d. Other 3D networks (MedicalNet's ResNets) do not load.
+A phase's `init: FILE` picks the loader by the model (configs/tss2d.yaml and tss3d.yaml show the variants).
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Every model maps each group name to the module/parameter name prefixes it owns (`model.group_prefixes()`).
 Order is depth order: the paper's "first two blocks" are `stem` + `block1`, and the adaptive freezing-depth
 search walks `backbone_groups()` from the input side. Groups a model does not have are present and empty.
+A model may name groups that take no part in its forward pass (`model.inactive_groups()`, e.g. the attention
+gates switched off): `freeze` always holds those fixed, so no optimiser or DDP bucket waits on them.
 """
 
 from __future__ import annotations
@@ -61,8 +63,9 @@ def freeze(model: nn.Module, groups: Iterable[str]) -> None:
     """Freeze exactly `groups` and make every other group trainable (idempotent; a phase states its set).
 
     Frozen: requires_grad False on their parameters and their BatchNorm running statistics held still.
+    The model's inactive groups are frozen too, whatever `groups` says.
     """
-    frozen = set(check_groups(groups))
+    frozen = set(check_groups(groups)) | set(getattr(model, "inactive_groups", tuple)())
     prefixes = _prefixes(model)
     for name, param in model.named_parameters():
         param.requires_grad_(_owner(name, prefixes) not in frozen)

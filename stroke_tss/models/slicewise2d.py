@@ -13,6 +13,11 @@ by stage 4; `gate_stage=2` keeps the 28x14 grid with 128 channels. Slice weights
 `pool="max"` takes each feature's maximum over the slice instead of its average: on a coarse grid (the 4 mm
 demo, a few feature cells per slice) a lesion of a few voxels is averaged away, while its strongest response
 survives a max (multiple-instance pooling). The paper's network averages.
+
+`attention=False` runs the network without the gate: the gated branch's pooled features are zeros, so it
+adds nothing to the logit and the gate's parameters get no gradient (`inactive_groups` keeps them frozen).
+The parameters stay in the state dict, so the weights of a phase without the gate load into a phase with
+it; see `stroke_tss.models.gates` for the paper's schedule (gates added in the last phase).
 """
 
 from __future__ import annotations
@@ -55,7 +60,8 @@ class SliceWise2D(nn.Module):
     model_name = "slicewise2d"
 
     def __init__(self, *, num_slices: int, in_channels: int = 3, base_channels: int = 64, norm: str = "batch",
-                 gate_stage: int = 3, adjacent_slices: int = 0, dropout: float = 0.0, pool: str = "avg"):
+                 gate_stage: int = 3, adjacent_slices: int = 0, dropout: float = 0.0, pool: str = "avg",
+                 attention: bool = True):
         super().__init__()
         check_norm(norm)
         check_pool(pool)
@@ -65,11 +71,12 @@ class SliceWise2D(nn.Module):
             raise UserError(f"need num_slices >= 1 and adjacent_slices >= 0, got {num_slices}, {adjacent_slices}")
         self.init_args = {"num_slices": num_slices, "in_channels": in_channels, "base_channels": base_channels,
                           "norm": norm, "gate_stage": gate_stage, "adjacent_slices": adjacent_slices,
-                          "dropout": dropout, "pool": pool}
+                          "dropout": dropout, "pool": pool, "attention": attention}
         b = base_channels
         self.backbone = resnet18_backbone(in_channels=in_channels * (2 * adjacent_slices + 1),
                                           base_channels=b, norm=norm)
         gated = b * 2 ** (gate_stage - 1)
+        self.gated_columns = slice(0, gated)  # the classifier's inputs from the gated branch
         self.gate = GridAttentionGate(gated, 8 * b, spatial_dims=2, norm=norm)
         self.pool = make_pool(pool, spatial_dims=2)
         self.dropout = nn.Dropout(dropout)
@@ -91,7 +98,8 @@ class SliceWise2D(nn.Module):
         return out
 
     def forward_with_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Logits (batch,) plus {"attention": (B, S, h, w) gate map, "slice_logits": (B, S)}."""
+        """Logits (batch,) plus {"attention": (B, S, h, w) gate map (absent with attention off),
+        "slice_logits": (B, S)}."""
         batch, _, num_slices, height, width = x.shape
         if num_slices != self.slice_weights.numel():
             raise UserError(f"input has {num_slices} slices but the model was built with "
@@ -103,15 +111,24 @@ class SliceWise2D(nn.Module):
                              f"{self.init_args['gate_stage']}, got {height}x{width}")
         slices = neighbour_stack(x, self.init_args["adjacent_slices"]).flatten(0, 1)
         features = self.stages(slices)
-        gated, attention = self.gate(features[self.init_args["gate_stage"] - 1], features[3])
-        pooled = torch.cat([self.pool(gated).flatten(1), self.pool(features[3]).flatten(1)], 1)
-        slice_logits = self.classifier(self.dropout(pooled)).view(batch, num_slices)
+        deep = self.pool(features[3]).flatten(1)
+        maps = {}
+        if self.init_args["attention"]:
+            gated, attention = self.gate(features[self.init_args["gate_stage"] - 1], features[3])
+            gated = self.pool(gated).flatten(1)
+            maps["attention"] = attention.view(batch, num_slices, *attention.shape[2:])
+        else:
+            gated = deep.new_zeros(deep.shape[0], self.gated_columns.stop)
+        slice_logits = self.classifier(self.dropout(torch.cat([gated, deep], 1))).view(batch, num_slices)
         logits = (slice_logits * self.slice_weight_values).sum(1)
-        maps = {"attention": attention.view(batch, num_slices, *attention.shape[2:]), "slice_logits": slice_logits}
-        return logits, maps
+        return logits, {**maps, "slice_logits": slice_logits}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_maps(x)[0]
+
+    def inactive_groups(self) -> tuple[str, ...]:
+        """Groups that take no part in the forward pass (held frozen by `freeze`)."""
+        return () if self.init_args["attention"] else ("attention",)
 
     def group_prefixes(self) -> dict[str, tuple[str, ...]]:
         stages = {f"block{i}": (f"backbone.layer{i}",) for i in range(1, 5)}
