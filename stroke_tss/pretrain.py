@@ -1,12 +1,14 @@
 """Models Genesis pretraining of a unet3d on given subjects: restore transformed crops; OUT/weights.pt.
 
 It runs through the same loop as the phases (stroke_tss.loop): step-level resume from OUT/ckpt, preemption
-at any step, seeded loaders, one log.jsonl line per epoch. Which subjects a run pretrains on, and where, is
-the run level's choice (stroke_tss.runs.pretrain).
+at any step, seeded loaders, one log.jsonl line per epoch. Which subjects a run pretrains on is the run
+level's choice (stroke_tss.runs.pretrain); where the weights of a fold live (`genesis_dir`) is said here,
+because the phases that start from them (stroke_tss.schedule) read them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +41,22 @@ class _FixedEpochs:
         pass
 
 
+def genesis_dir(run_dir: str | Path, *, subjects: str, fold: int | None) -> Path:
+    """RUN/genesis/fold-<k>/ when every fold pretrains on its own subjects (`genesis.subjects: fold`), else
+    RUN/genesis/ (one pretraining shared by the folds)."""
+    if subjects != "fold":
+        return Path(run_dir) / "genesis"
+    assert fold is not None, "per-fold Genesis needs the fold"
+    return Path(run_dir) / "genesis" / f"fold-{fold}"
+
+
+def write_subjects_record(path: Path, record: dict) -> None:
+    """OUT/subjects.json: which subjects the pretraining saw and how many test subjects among them."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(path)
+
+
 _MSE = nn.MSELoss()
 
 
@@ -48,8 +66,13 @@ def _mse_loss(eng: Engine, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[to
 
 
 def pretrain_genesis(store: Store, subjects: Sequence[str], out: Path, *, genesis: GenesisSection,
-                     channels: Sequence[str], train: TrainSection, engine: EngineSection, seed: int) -> Path:
-    """Train the Genesis U-Net on crops of `subjects`; returns out/weights.pt (skips when it exists)."""
+                     channels: Sequence[str], train: TrainSection, engine: EngineSection, seed: int,
+                     record: dict | None = None) -> Path:
+    """Train the Genesis U-Net on crops of `subjects`; returns out/weights.pt (skips when it exists).
+
+    `record` (the run level's account of the subjects) goes to out/subjects.json just before weights.pt, so a
+    finished pretraining always says what it saw.
+    """
     out = Path(out)
     if (out / "weights.pt").is_file():
         log.info("%s exists; Models Genesis already done", out / "weights.pt")
@@ -68,6 +91,8 @@ def pretrain_genesis(store: Store, subjects: Sequence[str], out: Path, *, genesi
     run_loop(eng, dataset, sampler, out_dir=out, settings=settings, loss=_mse_loss, end_epoch=_FixedEpochs(),
              opt_cfg=genesis.optimizer)
     if eng.is_main:
+        if record is not None:
+            write_subjects_record(out / "subjects.json", record)
         save_weights(out / "weights.pt", eng.module, eng.state_dict(), subjects=len(subjects))
     eng.barrier()
     return out / "weights.pt"

@@ -23,6 +23,7 @@ from stroke_tss.data import StoreDataset
 from stroke_tss.errors import UserError
 from stroke_tss.models import build_model, freeze, reinit, train_only
 from stroke_tss.models.external import load_encoder_weights, load_torchvision_resnet18
+from stroke_tss.pretrain import genesis_dir
 from stroke_tss.splits import ensure_splits, fold_of
 from stroke_tss.tasks import LABEL_AUGMENTATIONS, get_task, task_samples
 from stroke_tss.train import train_phase
@@ -39,8 +40,10 @@ def resolve_variant(cfg: Config, name: str) -> Config:
     return validate(merge(base, cfg.variants[name]), schema=type(cfg), source=f"variant {name}")
 
 
-def build_phase_model(cfg: Config, store: Store, *, init: str, phase_dirs: dict[str, Path], run_dir: Path) -> nn.Module:
-    """The model of a phase, initialised as ``init`` says (random | earlier phase | genesis | weights file)."""
+def build_phase_model(cfg: Config, store: Store, *, init: str, phase_dirs: dict[str, Path], run_dir: Path,
+                      fold: int) -> nn.Module:
+    """The model of a phase of fold ``fold``, initialised as ``init`` says (random | earlier phase | genesis |
+    weights file); `genesis` is the fold's own pretraining under ``genesis.subjects: fold``, else the run's."""
     options = dict(cfg.model.options)
     if cfg.model.name == "slicewise2d" and "num_slices" not in options:
         options["num_slices"] = int(store.attrs["shape_xyz"][2])
@@ -54,9 +57,7 @@ def build_phase_model(cfg: Config, store: Store, *, init: str, phase_dirs: dict[
         blob = load_weights(source)
         fit_weights(model, blob["state_dict"], source=source, made_for=blob.get("model"))
         return model
-    source = run_dir / "genesis" / "weights.pt" if init == "genesis" else Path(init)
-    if init == "genesis" and not source.is_file():
-        raise UserError(f"init: genesis needs {source}; run `stroke-tss pretrain CONFIG` first")
+    source = _genesis_weights(cfg, run_dir, fold) if init == "genesis" else Path(init)
     own = _own_weights(source, cfg.model.name)
     if own is not None:  # a phase of this package, e.g. `adapt --source RUN/.../weights.pt`
         fit_weights(model, own, source=source)
@@ -66,6 +67,16 @@ def build_phase_model(cfg: Config, store: Store, *, init: str, phase_dirs: dict[
     else:
         load_encoder_weights(model, source)
     return model
+
+
+def _genesis_weights(cfg: Config, run_dir: Path, fold: int) -> Path:
+    per_fold = cfg.genesis.subjects == "fold"
+    source = genesis_dir(run_dir, subjects=cfg.genesis.subjects, fold=fold) / "weights.pt"
+    if not source.is_file():
+        how = f"stroke-tss pretrain CONFIG --fold {fold}" if per_fold else "stroke-tss pretrain CONFIG"
+        mine = f" (fold {fold}'s own pretraining)" if per_fold else ""
+        raise UserError(f"init: genesis needs {source}{mine}; run `{how}` first")
+    return source
 
 
 def _own_weights(path: Path, model_name: str) -> dict | None:
@@ -79,10 +90,10 @@ def _own_weights(path: Path, model_name: str) -> dict | None:
 
 
 def phase_model(cfg: Config, phase: PhaseSection, store: Store, *, phase_dirs: dict[str, Path], run_dir: Path,
-                frozen: list[str] | None = None) -> nn.Module:
+                fold: int, frozen: list[str] | None = None) -> nn.Module:
     """The phase's model, initialised and seeded, with `frozen` (default: the phase's own groups) held fixed."""
     torch.manual_seed(cfg.seed)
-    model = build_phase_model(cfg, store, init=phase.init, phase_dirs=phase_dirs, run_dir=run_dir)
+    model = build_phase_model(cfg, store, init=phase.init, phase_dirs=phase_dirs, run_dir=run_dir, fold=fold)
     reinit(model, phase.reinit)
     if phase.train_only is not None:
         train_only(model, phase.train_only)
@@ -131,11 +142,12 @@ def run_fold(cfg: Config, *, fold: int, variants: list[str] | None = None) -> di
             datasets = phase_datasets(vcfg, phase, subjects, store, where=f"variant {name}, phase {phase_name}, fold {fold}")
             out = fold_dir / phase_name
             if phase.freeze == "auto":
-                build = partial(phase_model, vcfg, phase, store, phase_dirs=dict(phase_dirs), run_dir=run_dir, frozen=[])
+                build = partial(phase_model, vcfg, phase, store, phase_dirs=dict(phase_dirs), run_dir=run_dir,
+                                fold=fold, frozen=[])
                 results[f"{name}/{phase_name}"] = adapt_phase(vcfg, phase, build=build, datasets=datasets,
                                                               out_dir=out, is_main=main)
             else:
-                model = phase_model(vcfg, phase, store, phase_dirs=phase_dirs, run_dir=run_dir)
+                model = phase_model(vcfg, phase, store, phase_dirs=phase_dirs, run_dir=run_dir, fold=fold)
                 results[f"{name}/{phase_name}"] = train_phase(
                     model, datasets, out, task=phase.task, train=vcfg.train, engine=vcfg.engine,
                     optimizer=phase.optimizer, stopping=phase.stopping, seed=vcfg.seed)

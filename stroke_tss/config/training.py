@@ -139,8 +139,12 @@ class PhaseSection(Section):
 
 
 class GenesisSection(Section):
-    subjects: Literal["train", "all"] = "train"
-    """Pretrain on fold 0's training subjects (no test leakage) or on every subject of the store."""
+    subjects: Literal["fold", "all", "train"] = "fold"
+    """fold: each fold pretrains on its own train and val subjects (RUN/genesis/fold-<k>/), no test subject
+    seen; all: one pretraining on every subject of the store, which sees every fold's test images (unlabelled,
+    but test images); train: fold 0's training subjects for every fold, so folds 1..K-1 started from an
+    encoder that saw their test subjects: accepted so older run folders load and resume, refused for a new
+    pretraining."""
     crop: tuple[int, int, int] = (64, 64, 32)
     """Crop size (x, y, z), sides multiples of 8."""
     crops_per_subject: int = Field(4, ge=1)

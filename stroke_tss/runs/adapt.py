@@ -78,7 +78,7 @@ def adapt_target(cfg: Config, *, variant: str, fold: int, phase: str, source: st
     store = open_store(vcfg.data.store)
     subjects = fold_of(ensure_splits(vcfg, store.table), fold)
     datasets = phase_datasets(vcfg, target, subjects, store, where=f"variant {variant}, phase {phase}, fold {fold}")
-    build = partial(phase_model, vcfg, target, store, phase_dirs=phase_dirs, run_dir=run_dir, frozen=[])
+    build = partial(phase_model, vcfg, target, store, phase_dirs=phase_dirs, run_dir=run_dir, fold=fold, frozen=[])
     return AdaptTarget(vcfg, target, build, datasets, fold_dir / phase)
 
 

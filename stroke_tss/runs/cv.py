@@ -1,10 +1,11 @@
 """Cross-validation as one job array: every (variant, fold) is a work item running that fold's schedule.
 
-    run_cv(cfg)  ->  config + provenance  ->  splits.json once  ->  Models Genesis once (if a variant needs it)
+    run_cv(cfg)  ->  config + provenance  ->  splits.json once  ->  Models Genesis (if a variant needs it):
+                     one item per fold, or one for the run (stroke_tss.runs.pretrain says which)
                  ->  one array of unfinished (variant, fold) items  ->  RUN/summary.json
 
-On Slurm, Genesis is a job of its own and the array depends on it (afterok), so `cv --no-wait` returns at
-once; the local executors run it first and wait.
+On Slurm, the Genesis items are an array of their own and the fold array depends on it (afterok: every
+pretraining done), so `cv --no-wait` returns at once; the local executors run them first and wait.
 
 Everything resumes from the run folder: a finished phase is skipped, a started one continues from its
 latest checkpoint, so re-running `cv` (or a requeue) only redoes what is missing.
@@ -28,7 +29,7 @@ from stroke_tss.runs.folder import (
     record_job,
     select_variants,
 )
-from stroke_tss.runs.pretrain import GenesisTask
+from stroke_tss.runs.pretrain import GenesisItem, GenesisTask, genesis_todo, genesis_weights, item_name
 from stroke_tss.runs.summary import write_summary
 from stroke_tss.schedule import resolve_variant, run_fold
 from stroke_tss.splits import ensure_splits
@@ -83,24 +84,11 @@ def run_cv(cfg: Config, *, wait: bool = True, variants: list[str] | None = None)
     run_dir = prepare_run(cfg)
     config = cfg.model_dump(mode="json")
     jobs_dir = run_dir / "jobs"
+    genesis = launch_genesis(cfg, config, jobs_dir) if needs_genesis(cfg, variants) else []
     fold_launch = cfg.launch
-    genesis_job = None
-    if needs_genesis(cfg, variants) and not (run_dir / "genesis" / "weights.pt").is_file():
-        if cfg.launch.executor == "slurm":
-            # Its own job, which the fold array waits for in Slurm (afterok): nothing here has to wait, and a
-            # preempted Genesis is requeued under the same id while the folds keep waiting.
-            [res] = launch_items(GenesisTask(config), ["genesis"], config=cfg.launch, folder=jobs_dir,
-                                 names=["genesis"], wait=False)
-            genesis_job = res.job_id
-            log.info("Models Genesis pretraining is job %s; the folds wait for it (afterok)", genesis_job)
-            fold_launch = cfg.launch.model_copy(update={"slurm_extra": {
-                **cfg.launch.slurm_extra, "dependency": f"afterok:{genesis_job}", "kill_on_invalid_dep": "yes"}})
-        else:
-            log.info("Models Genesis pretraining first (once for the run)")
-            [res] = launch_items(GenesisTask(config), ["genesis"], config=cfg.launch, folder=jobs_dir,
-                                 names=["genesis"])
-            if not res.ok:
-                raise UserError(f"Models Genesis pretraining failed: {res.error}; log: {res.log}")
+    if genesis:  # submitted to Slurm, not finished: the folds wait for every one of them
+        fold_launch = cfg.launch.model_copy(update={"slurm_extra": {
+            **cfg.launch.slurm_extra, "dependency": f"afterok:{_job_of(genesis[0][1])}", "kill_on_invalid_dep": "yes"}})
     items = fold_items(cfg, variants)
     todo = [item for item in items if not item_done(cfg, item)]
     if not wait and cfg.launch.executor == "local" and cfg.launch.array_parallelism < len(todo):
@@ -121,11 +109,44 @@ def run_cv(cfg: Config, *, wait: bool = True, variants: list[str] | None = None)
         for res in results:
             if res.state == "failed":
                 log.error("%s failed: %s (log: %s)", res.name, res.error, res.log)
-    if wait and genesis_job is not None and not (run_dir / "genesis" / "weights.pt").is_file():
+    failed = [res for item, res in genesis if not genesis_weights(cfg, item).is_file()]
+    if wait and failed:
         # the folds were cancelled with their dependency: say why
         logs = cfg.launch.folder or jobs_dir / "submitit"
-        raise UserError(f"Models Genesis pretraining (job {genesis_job}) failed, so its folds never ran; "
-                        f"log: {logs / f'{genesis_job}_0_log.err'}")
+        raise UserError("; ".join(f"Models Genesis pretraining {res.name} (job {res.job_id}) failed, so the folds "
+                                  f"never ran; log: {logs / f'{res.job_id}_0_log.err'}" for res in failed))
     if wait:
         write_summary(run_dir)
     return results
+
+
+def launch_genesis(cfg: Config, config: dict, jobs_dir: Path) -> list[tuple[GenesisItem, ItemResult]]:
+    """Start the Models Genesis pretrainings not done yet (one per fold, or one for the run). The local
+    executors run them to the end here (nothing returned); on Slurm returns each item with its submitted job."""
+    todo = genesis_todo(cfg)
+    if not todo:
+        return []
+    names = [item_name(item) for item in todo]
+    if cfg.launch.executor != "slurm":
+        log.info("Models Genesis pretraining first: %s", ", ".join(names))
+        results = launch_items(GenesisTask(config), todo, config=cfg.launch, folder=jobs_dir, names=names)
+        failed = [res for res in results if not res.ok]
+        if failed:
+            raise UserError("; ".join(f"Models Genesis pretraining {res.name} failed: {res.error}; log: {res.log}"
+                                      for res in failed))
+        return []
+    # An array of its own, which the fold array waits for in Slurm (afterok): nothing here has to wait, and a
+    # preempted pretraining is requeued under the same id while the folds keep waiting.
+    try:
+        results = launch_items(GenesisTask(config), todo, config=cfg.launch, folder=jobs_dir, names=names,
+                               wait=False)
+    except ValueError as exc:  # the scheduler refused the submission: nothing was submitted
+        raise UserError(str(exc)) from None
+    log.info("Models Genesis pretraining is job %s; the folds wait for it (afterok)", _job_of(results[0]))
+    log.info("Models Genesis items: %s", ", ".join(names))
+    return list(zip(todo, results))
+
+
+def _job_of(result: ItemResult) -> str:
+    """The Slurm id naming the whole submission: an array's tasks are ARRAY_INDEX, a lone job its own id."""
+    return result.job_id.split("_")[0]
