@@ -23,6 +23,7 @@ from stroke_tss.data import StoreDataset
 from stroke_tss.errors import UserError
 from stroke_tss.models import build_model, freeze, reinit, train_only
 from stroke_tss.models.external import load_encoder_weights, load_torchvision_resnet18
+from stroke_tss.models.gates import attention_on, has_gates, open_gates, set_attention
 from stroke_tss.pretrain import genesis_dir
 from stroke_tss.splits import ensure_splits, fold_of
 from stroke_tss.tasks import LABEL_AUGMENTATIONS, get_task, task_samples
@@ -91,14 +92,26 @@ def _own_weights(path: Path, model_name: str) -> dict | None:
 
 def phase_model(cfg: Config, phase: PhaseSection, store: Store, *, phase_dirs: dict[str, Path], run_dir: Path,
                 fold: int, frozen: list[str] | None = None) -> nn.Module:
-    """The phase's model, initialised and seeded, with `frozen` (default: the phase's own groups) held fixed."""
+    """The phase's model, initialised and seeded, its attention gates on or off (`phase.attention`), with
+    `frozen` (default: the phase's own groups) held fixed."""
     torch.manual_seed(cfg.seed)
     model = build_phase_model(cfg, store, init=phase.init, phase_dirs=phase_dirs, run_dir=run_dir, fold=fold)
     reinit(model, phase.reinit)
+    where = f"phase {phase.task} (init {phase.init})"
+    gates_on = attention_on(cfg.model.options, phase.attention)
+    set_attention(model, gates_on, where=where)
+    earlier = cfg.phases.get(phase.init)
+    opens = gates_on and has_gates(model) and earlier is not None and not attention_on(cfg.model.options,
+                                                                                         earlier.attention)
+    if opens:  # the gates join now: their head weights start at zero (models/gates.py says why)
+        open_gates(model)
     if phase.train_only is not None:
         train_only(model, phase.train_only)
     else:
         freeze(model, phase.freeze if frozen is None else frozen)
+    if opens and not model.classifier.weight.requires_grad:
+        raise UserError(f"{where}: turns the attention gates on after phase {phase.init} ran without them, but "
+                        "holds the head fixed, so the gates could never learn; add head to its train_only")
     return model
 
 

@@ -126,6 +126,11 @@ class PhaseSection(Section):
     reinit: list[str] = Field(default_factory=list)
     """Groups re-initialised after loading `init`, e.g. [head] when the labels change meaning: a lesion
     detector's head scores bright (late) lesions high, the opposite of onset < 4.5 h."""
+    attention: bool | None = None
+    """Whether the attention gates (slicewise2d, encoder3d) feed the classifier in this phase; null: as
+    model.options.attention says (default true: gates in every phase). The paper's schedule: false in the
+    detection and onset phases, true in the last one, which adds the gates and fine-tunes them; a phase that
+    turns them on starts their classifier weights at zero, so it must train `head` (see models/gates.py)."""
     optimizer: OptimizerSection | None = None
     """Overrides train.optimizer for this phase."""
     stopping: StoppingSection | None = None
