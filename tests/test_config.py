@@ -137,3 +137,34 @@ def test_errors_name_the_override_or_the_file_they_came_from(tmp_path):
     with pytest.raises(UserError) as err:  # a check of the whole section the override changed
         load_config(path, ["cv.folds=2", "engine.kind=deepspeed"])
     assert str(err.value).startswith(f"{path} with override engine.kind=deepspeed: config key 'engine'")
+
+
+@pytest.mark.parametrize("path, transfer, scratch", [
+    ("configs/demo.yaml", "2d", "2d_scratch"), ("configs/demo_paper.yaml", "2d", "2d_scratch"),
+    ("configs/demo_paper.yaml", "3d", "3d_scratch"), ("configs/tss2d.yaml", "2d", "2d_scratch"),
+    ("configs/tss3d.yaml", "3d", "3d_scratch")])
+def test_scratch_variants_are_the_papers_random_rows(path, transfer, scratch):
+    """Each onset task from random init, nothing frozen, on the transfer variant's network, folds and epochs."""
+    from stroke_tss.schedule import resolve_variant
+
+    cfg = load_config(path)
+    ours, theirs = resolve_variant(cfg, scratch), resolve_variant(cfg, transfer)
+    assert list(ours.phases) == ["tss3h", "tss4h5"]
+    for name, phase in ours.phases.items():
+        other = theirs.phases[name]
+        assert (phase.init, phase.freeze, phase.train_only) == ("random", [], None)
+        assert (phase.task, phase.attention) == (other.task, other.attention)
+        assert (phase.stopping or ours.train.stopping) == (other.stopping or theirs.train.stopping)
+        assert (phase.optimizer or ours.train.optimizer) == (other.optimizer or theirs.train.optimizer)
+    assert (ours.model, ours.cv, ours.train, ours.data) == (theirs.model, theirs.cv, theirs.train, theirs.data)
+
+
+def test_demo_adds_the_attention_gates_in_its_last_phase_only():
+    from stroke_tss.schedule import resolve_variant
+
+    cfg = load_config("configs/demo.yaml")
+    for variant in ("2d", "3d"):
+        phases = resolve_variant(cfg, variant).phases
+        assert {name: p.attention for name, p in phases.items()} == {
+            "lesion": False, "tss3h": False, "tss4h5": False, "attention": True}
+        assert "head" in phases["attention"].train_only  # the gates' head weights start at zero
