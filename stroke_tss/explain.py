@@ -112,6 +112,9 @@ def attention_map(model: nn.Module, x: torch.Tensor, *, key: str | None = None) 
     model.eval()
     _, maps = model.forward_with_maps(x)
     maps = {k: v for k, v in maps.items() if k != "slice_logits"}
+    if not maps:
+        raise UserError("this phase ran without its attention gates (phases.NAME.attention: false); "
+                        "use --method gradcam, or --phase of a phase trained with them")
     key = key or sorted(maps)[-1]  # the deepest gate by name: gate256, attention3, attention
     if key not in maps:
         raise UserError(f"no attention map {key!r}; this model has {', '.join(sorted(maps))}")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from stroke_tss import explain
+from stroke_tss.errors import UserError
 from stroke_tss.models import build_model
 
 
@@ -95,3 +96,9 @@ def test_gradcam_overlap_after_a_few_steps_on_a_real_store(tmp_path):
     img = nib.load(result["nifti"])
     assert img.shape == (64, 40, 8) and np.allclose(img.affine, store.affine)
     assert mpimg.imread(result["png"]).ndim == 3 and result["overlap"]["chance"] == pytest.approx(0.05, abs=0.01)
+
+
+def test_attention_map_of_a_phase_trained_without_gates_says_what_to_use_instead():
+    model = build_model("slicewise2d", num_slices=5, in_channels=3, base_channels=8, attention=False)
+    with pytest.raises(UserError, match="ran without its attention gates.*--method gradcam"):
+        explain.attention_map(model, torch.randn(1, 3, 5, 40, 32))
