@@ -41,8 +41,8 @@ def onset_store(path: Path, *, num_subjects: int = 30, seed: int = 0, masks: boo
         volume = rng.normal(0, 1, (3, nz, ny, nx)).astype(np.float32)
         t = 0.0 if np.isnan(onset) else onset / 600
         volume[0][lesion] += 3.0
-        volume[1][lesion] += 0.6 * t + rng.normal(0, 0.3)
-        volume[2][lesion] += 1.2 * t + rng.normal(0, 0.5)
+        volume[1][lesion] += 1.0 * t + rng.normal(0, 0.3)
+        volume[2][lesion] += 2.0 * t + rng.normal(0, 0.5)
         ml = {s: float(np.asarray(m).sum()) * 0.064 for s, m in (("left", left), ("right", right))}
         flags = {s: ml[s] > 0 for s in ("left", "right")}
         if i == 1:

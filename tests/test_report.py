@@ -198,7 +198,7 @@ def test_summary_and_report_carry_the_ceiling_phase_3_to_4_and_genesis_provenanc
     for k in (0, 1, 2):
         (run / "genesis" / f"fold-{k}").mkdir(parents=True)
         (run / "genesis" / f"fold-{k}" / "subjects.json").write_text(json.dumps(
-            {"mode": "per_fold", "fold": k, "subjects": ["sub-00"], "test_subjects_seen": 0}))
+            {"mode": "fold", "fold": k, "subjects": ["sub-00"], "test_subjects_seen": 0}))
     write_summary(run, num_resamples=50)
     summary = read_summary(run)
     assert set(rows(summary)) == {"2d/lesion", "2d/tss4h5", "2d/attention", "2d_scratch/tss4h5"}
@@ -226,3 +226,9 @@ def test_report_without_store_or_genesis_says_so(run, tmp_path):
     text = write_report([run], out_dir=tmp_path / "out", num_resamples=50).read_text()
     assert "tss_lt_4h5: no ceiling (" in text and "names no data.store" in text
     assert "Models Genesis" not in text
+    (run / "genesis").mkdir()
+    (run / "genesis" / "subjects.json").write_text(json.dumps({"mode": "all", "subjects": ["sub-000"],
+                                                               "test_subjects_seen": 72}))
+    text = write_report([run], out_dir=tmp_path / "out", num_resamples=50).read_text()
+    assert ("Models Genesis: once, on every subject of the store (test images unlabelled) (1 pretraining(s)); "
+            "test subjects seen: 72") in text

@@ -161,8 +161,9 @@ def _phase_gain_section(hemi: pd.DataFrame) -> list[str]:
                              "difference": lambda r: f"{r['difference']:+.3f}"}), ""]
 
 
-GENESIS_MODES = {"per_fold": "per fold, on each fold's non-test subjects", "pool": "on a pool outside the cohort",
-                 "all": "on every subject of the store", "train": "on fold 0's training subjects"}
+GENESIS_MODES = {"fold": "per fold, on each fold's non-test subjects",
+                 "all": "once, on every subject of the store (test images unlabelled)"}
+"""genesis.subjects -> what the report says (stroke_tss.runs.pretrain writes the records)."""
 
 
 def genesis_provenance(run: Path) -> str | None:
