@@ -46,18 +46,23 @@ class PrepConfig(BaseModel):
     """Share of fixed-image voxels sampled by the MI metric."""
     zscore: bool = True
     """Z-score every channel inside the brain mask; voxels outside the brain become 0."""
-    normalize_on: Literal["normal_tissue", "brain"] = "normal_tissue"
-    """Voxels the z-score statistics and histogram landmarks come from: the brain minus the lesion (dilated by
-    one voxel) where a mask exists, or the whole brain. A large lesion otherwise shifts the statistics and,
-    under histogram matching, gets mapped onto normal tissue's intensities: its contrast is lost."""
+    normalize_on: Literal["robust", "brain", "normal_tissue"] = "robust"
+    """Where the z-score statistics and histogram landmarks come from. robust: median and IQR of the whole
+    brain, no lesion mask needed, so a new subject normalises as the training store did. brain: mean and SD of
+    the whole brain (a large lesion drags them and loses part of its contrast). normal_tissue: the brain minus
+    the expert lesion mask, dilated; kept only to read stores built with it (their inputs depend on the mask,
+    and `predict` accepts new subjects for them only with a lesion mask)."""
     histogram_match: bool = True
     """Match each channel's in-brain histogram to the reference subject's (stored in the store attrs)."""
     reference_subject: str | None = None
     """Histogram reference; None = first subject of the manifest that preprocesses cleanly."""
     histogram_landmarks: int = Field(101, ge=3, le=1001)
     """Quantile landmarks of the piecewise-linear histogram map."""
-    histogram_percentiles: tuple[float, float] = (1.0, 99.0)
-    """In-brain percentiles of the first and last landmark; beyond them the map extends linearly (lesion tails)."""
+    histogram_percentiles: tuple[float, float] = (1.0, 80.0)
+    """In-brain percentiles of the first and last landmark; beyond them the map extends linearly. A lesion is
+    bright on DWI, b0 and FLAIR and fills the top of the brain's histogram: with the last landmark at the 80th
+    percentile, lesions of up to ~15% of the brain stay in the linear tail and keep their contrast (at the
+    99th, one of 2% was mapped onto normal tissue's upper tail and kept half of it)."""
     ct_window: dict[str, tuple[float, float]] = Field(default_factory=dict)
     """Channel -> (centre, width) in HU: clip to the window and scale to [0, 1] instead of z-scoring."""
     dtype: Literal["float32", "float16"] = "float32"

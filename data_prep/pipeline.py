@@ -136,28 +136,50 @@ def preprocess_subject(row: Mapping, *, config: PrepConfig, reference: Mapping |
         lesion_img = sitk.Cast(pp.load_ras(lesion_path, subject_id=sid, field="lesion_mask") > 0.5, sitk.sitkUInt8)
         lesion = pp.resample(lesion_img, transforms.get("dwi", reg.transform), grid, nearest=True)
     channels, qc, marks = [], {"registration_mi": reg.metric}, {}
-    tissue = pp.normal_tissue(brain, lesion) if config.normalize_on == "normal_tissue" else brain
+    region = statistics_region(brain, lesion, config=config)
     for name in config.channels:
         vol = pp.resample(images[name], transforms[name], grid).astype(np.float32)
         inside = vol[brain > 0]
         qc.update({f"{name}_mean": float(inside.mean()), f"{name}_std": float(inside.std()),
                    f"{name}_p1": float(np.percentile(inside, 1)), f"{name}_p99": float(np.percentile(inside, 99))})
-        if name in config.ct_window:
-            center, width = config.ct_window[name]
-            vol = pp.ct_window(vol, center=center, width=width)
-        elif config.zscore:
-            vol = pp.zscore(vol, brain, tissue)
-            marks[name] = pp.landmarks(vol, tissue, num=config.histogram_landmarks,
-                                          percentiles=config.histogram_percentiles).tolist()
-            if config.histogram_match and reference is not None:
-                vol = pp.match_histogram(vol, brain, np.asarray(reference["channels"][name]),
-                                         percentiles=config.histogram_percentiles, tissue=tissue)
+        vol, marks[name] = normalize_channel(vol, brain, region, name=name, config=config, reference=reference)
         channels.append(vol)
+    marks = {name: m for name, m in marks.items() if m is not None}
     derived = derived_columns(brain, lesion, config=config)
     qc["brain_volume_ml"] = derived["brain_volume_ml"]
     return SubjectResult(volume=np.stack(channels).astype(np.float32), brain=brain.astype(np.uint8),
                          lesion=None if lesion is None else lesion.astype(np.uint8), derived=derived, qc=qc,
                          landmarks=marks)
+
+
+def statistics_region(brain: np.ndarray, lesion: np.ndarray | None, *, config: PrepConfig) -> np.ndarray:
+    """Voxels the intensity statistics come from. Only the legacy `normal_tissue` mode looks at the lesion
+    mask; every other mode takes the brain, so a subject normalises the same with or without its mask."""
+    if config.normalize_on == "normal_tissue":
+        return pp.normal_tissue(brain, lesion)
+    return brain
+
+
+def normalize_channel(vol: np.ndarray, brain: np.ndarray, region: np.ndarray, *, name: str, config: PrepConfig,
+                      reference: Mapping | None) -> tuple[np.ndarray, list[float] | None]:
+    """One resampled channel -> its stored intensities, and its histogram landmarks (None when not z-scored).
+
+    The one normalisation path of `prep`, and so of `predict`, which preps new subjects with the store's config
+    and reference histogram."""
+    if name in config.ct_window:
+        center, width = config.ct_window[name]
+        return pp.ct_window(vol, center=center, width=width), None
+    if not config.zscore:
+        return vol, None
+    if config.normalize_on == "robust":
+        vol = pp.robust_zscore(vol, brain)
+    else:
+        vol = pp.zscore(vol, brain, region)
+    marks = pp.landmarks(vol, region, num=config.histogram_landmarks, percentiles=config.histogram_percentiles)
+    if config.histogram_match and reference is not None:
+        vol = pp.match_histogram(vol, brain, np.asarray(reference["channels"][name]),
+                                 percentiles=config.histogram_percentiles, tissue=region)
+    return vol, marks.tolist()
 
 
 def derived_columns(brain: np.ndarray, lesion: np.ndarray | None, *, config: PrepConfig) -> dict:

@@ -122,6 +122,18 @@ def zscore(volume: np.ndarray, brain: np.ndarray, tissue: np.ndarray | None = No
     return np.where(brain > 0, (volume - float(inside.mean())) / std, 0.0).astype(np.float32)
 
 
+IQR_PER_SD = 1.349  # a normal distribution's interquartile range in SDs: robust z-scores keep the usual scale
+
+
+def robust_zscore(volume: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """(volume - median) / (IQR / 1.349) over the whole brain; 0 outside. Needs no lesion mask: a lesion of a
+    few percent of the brain sits in one tail, where it drags the mean and SD along but barely moves the
+    median and quartiles, so its contrast survives."""
+    low, median, high = np.percentile(volume[brain > 0], (25, 50, 75))
+    scale = float(high - low) / IQR_PER_SD or 1.0
+    return np.where(brain > 0, (volume - float(median)) / scale, 0.0).astype(np.float32)
+
+
 def landmarks(volume: np.ndarray, brain: np.ndarray, *, num: int,
               percentiles: tuple[float, float] = (1.0, 99.0)) -> np.ndarray:
     """In-brain intensity quantiles at `num` evenly spaced levels between the two percentiles."""

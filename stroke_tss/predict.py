@@ -187,6 +187,19 @@ def _known_side(store, sid: str) -> str:
     return side if side in SIDES else "left"
 
 
+def _check_normalisable(trained: Path, config: PrepConfig, rows, manifest: Path) -> None:
+    """A store normalised on normal tissue took its statistics from each subject's lesion mask: a new subject
+    without one would be normalised differently from the training data, so it is refused, not scored."""
+    if config.normalize_on != "normal_tissue":
+        return
+    unmasked = [r.subject_id for r in rows if "lesion_mask" not in r.series]
+    if unmasked:
+        raise UserError(f"{trained} was normalised with each subject's lesion mask (prep normalize_on: "
+                        f"normal_tissue), but {len(unmasked)} subject(s) of {manifest} have no lesion_mask "
+                        f"({', '.join(unmasked[:3])}): give their masks, or rebuild the training store with "
+                        "normalize_on: robust (the default, no mask needed) and retrain")
+
+
 def prep_like_training(run: str | Path, manifest: str | Path, *, workers: int = 2) -> tuple[Path, dict[str, str]]:
     """Preprocess new subjects into RUN/predict/<manifest>-<hash>/ with the training store's grid, config and
     reference histogram (seeded into the new store before `prep`, which then reuses it).
@@ -201,6 +214,7 @@ def prep_like_training(run: str | Path, manifest: str | Path, *, workers: int = 
     cohort = read_manifest(manifest, channels=config.channels)  # a bad file raises before anything is written
     if not cohort.rows:
         raise UserError(f"{manifest}: no subject passed validation: {'; '.join(cohort.errors[:3])}")
+    _check_normalisable(trained, config, cohort.rows, manifest)
     digest = hashlib.sha1(manifest.read_bytes() + config.config_hash().encode()).hexdigest()[:10]
     out = Path(run) / "predict" / f"{manifest.stem}-{digest}"
     if not (out / "zarr.json").exists():

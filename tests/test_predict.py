@@ -185,3 +185,27 @@ def test_phantom_trained_run_on_the_isles_case(isles, tiny_store, tmp_path, caps
               f"ISLES case (lesion LEFT): detector picks {row['hemisphere']} (left {row['lesion_left']:.3f}, "
               f"right {row['lesion_right']:.3f}), p(TSS<4.5h) {row['p_tss_lt_4h5']:.3f}, "
               f"p(TSS<3h) {row['p_tss_lt_3h']:.3f}, Grad-CAM lesion overlap {result['overlap']['ratio']:.1f}x chance")
+
+
+def test_predict_refuses_unmasked_subjects_for_a_store_normalised_with_lesion_masks(tiny_cohort, tmp_path):
+    """A store built with the old `normal_tissue` normalisation took its statistics from each subject's lesion
+    mask: a new subject without one would be normalised unlike the training data, so predict says so (naming
+    the subjects and the fix) before anything is written, instead of scoring it."""
+    from data_prep.config import PrepConfig
+    from data_prep.store import create_or_extend
+    from stroke_tss.predict import prep_like_training
+    from tests.test_normalisation import OLD_STORE_CONFIG
+
+    store = tmp_path / "old.zarr"
+    create_or_extend(store, config=PrepConfig.model_validate(OLD_STORE_CONFIG), subject_ids=[])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"store": str(store)}}))
+    table = pd.read_csv(tiny_cohort).drop(columns=["lesion_mask"]).head(2)
+    for column in ("dwi", "b0", "flair", "adc", "brain_mask"):
+        table[column] = [str(tiny_cohort.parent / p) for p in table[column]]
+    manifest = tmp_path / "new.csv"
+    table.to_csv(manifest, index=False)
+    with pytest.raises(UserError, match=r"lesion mask.*sub-001.*normalize_on: robust"):
+        prep_like_training(run, manifest)
+    assert not (run / "predict").exists()
