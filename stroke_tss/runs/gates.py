@@ -2,7 +2,7 @@
 
 On pooled out-of-fold test hemispheres of one run (one seed):
 
-    detection   the best lesion_present AUC >= 0.90; the AUC on lesions of 0.5 mL or more (against lesion-free
+    detection   the best lesion_present AUC >= 0.90 (any task labelled by lesion presence counts); the AUC on lesions of 0.5 mL or more (against lesion-free
                 halves) beside it, since lesions of a few voxels cap detection on a 4 mm grid
     onset       the best tss_lt_4h5 AUC >= 0.85 x the ceiling (stroke_tss.report.ceiling: the best true-lesion
                 readout on the same folds)
@@ -26,6 +26,7 @@ from stroke_tss import metrics
 from stroke_tss.errors import UserError
 from stroke_tss.report.collect import collect_predictions
 from stroke_tss.report.tables import delong_table, phase_3_to_4, pooled_test, table2
+from stroke_tss.tasks import TASKS
 
 DETECTION_TARGET = 0.90
 LARGE_LESION_ML = 0.5
@@ -47,8 +48,13 @@ class Gate:
     """Every number behind the gate, for `combine_seeds` and demo.json."""
 
 
-def _best(hemi: pd.DataFrame, task: str) -> pd.Series | None:
-    rows = hemi[(hemi["task"] == task) & hemi["auc"].notna()] if not hemi.empty else hemi
+def detection_tasks() -> list[str]:
+    """Tasks whose label is lesion presence per hemisphere (lesion_present, and any task scored like it)."""
+    return [t.name for t in TASKS.values() if t.column is None and t.samples == "hemispheres"]
+
+
+def _best(hemi: pd.DataFrame, *tasks: str) -> pd.Series | None:
+    rows = hemi[hemi["task"].isin(tasks) & hemi["auc"].notna()] if not hemi.empty else hemi
     return None if rows.empty else rows.loc[rows["auc"].idxmax()]
 
 
@@ -72,12 +78,12 @@ def large_lesion_auc(pred: pd.DataFrame, table: pd.DataFrame, *, min_ml: float =
 
 
 def detection_gate(pred: pd.DataFrame, hemi: pd.DataFrame, table: pd.DataFrame) -> Gate:
-    best = _best(hemi, "lesion_present")
+    best = _best(hemi, *detection_tasks())
     if best is None:
         return Gate(DETECTION, None, DETECTION_TARGET, False, "no lesion_present predictions")
     test = pooled_test(pred)
     mine = test[(test["variant"] == best["variant"]) & (test["phase"] == best["phase"])
-                & (test["task"] == "lesion_present")]
+                & (test["task"] == best["task"])]
     large = large_lesion_auc(mine, table)
     auc = float(best["auc"])
     large_text = "-" if large["auc"] is None else f"{large['auc']:.3f}"
