@@ -55,6 +55,14 @@ def swap_lesions(own: np.ndarray, other: np.ndarray, own_mask: np.ndarray, other
 def augment(x: np.ndarray, rng: np.random.Generator, *, gamma: tuple[float, float] | None = None,
             rotate_z_deg: float = 0.0, noise_std: float = 0.0) -> np.ndarray:
     """Gamma on min-max scaled intensities, in-plane rotation about z, Gaussian noise; (C, Z, Y, X)."""
+    return augment_with_mask(x, None, rng, gamma=gamma, rotate_z_deg=rotate_z_deg, noise_std=noise_std)[0]
+
+
+def augment_with_mask(x: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator, *,
+                      gamma: tuple[float, float] | None = None, rotate_z_deg: float = 0.0,
+                      noise_std: float = 0.0) -> tuple[np.ndarray, np.ndarray | None]:
+    """`augment`, moving a lesion mask (Z, Y, X) with the pixels: the rotation turns it by the same angle
+    (nearest neighbour, so it stays 0/1); intensity changes leave it alone. Same draws as `augment`."""
     if gamma is not None:
         g = rng.uniform(*gamma)
         lo, hi = x.min(), x.max()
@@ -63,13 +71,17 @@ def augment(x: np.ndarray, rng: np.random.Generator, *, gamma: tuple[float, floa
     if rotate_z_deg > 0:
         angle = rng.uniform(-rotate_z_deg, rotate_z_deg)
         x = rotate(x, angle, axes=(-1, -2), reshape=False, order=1, mode="nearest")
+        if mask is not None:
+            mask = rotate(mask, angle, axes=(-1, -2), reshape=False, order=0, mode="constant")
     if noise_std > 0:
         x = x + rng.normal(0.0, noise_std, size=x.shape)
-    return np.ascontiguousarray(x, dtype=np.float32)
+    return np.ascontiguousarray(x, dtype=np.float32), mask
 
 
 class StoreDataset(Dataset):
-    """Items {"x": (C, Z, Y, X') float32, "y": float, "index": int} of one task's samples from a store."""
+    """Items {"x": (C, Z, Y, X') float32, "y": float, "index": int} of one task's samples from a store, plus
+    "mask": (Z, Y, X') float32, the hemisphere's lesion mask on the same grid, for samples that ask for it
+    (`Sample.mask`, segmentation tasks); it follows the swap, transplant and rotation of its pixels."""
 
     def __init__(self, store: Store | str | Path, samples: Sequence[Sample], *, channels: Sequence[str] | None = None,
                  intensity: str = "zscore", augment: dict | None = None, seed: int = 0):
@@ -125,18 +137,20 @@ class StoreDataset(Dataset):
         half = lesion.shape[-1] // 2
         return {"left": lesion[..., :half], "right": lesion[..., half:][..., ::-1]}
 
-    def _swapped(self, s: Sample) -> tuple[np.ndarray, int] | None:
-        """The hemisphere after trading lesions with its mirror half, and its new label; None without masks."""
+    def _swapped(self, s: Sample) -> tuple[np.ndarray, int, np.ndarray] | None:
+        """The hemisphere after trading lesions with its mirror half, its new label and lesion mask (the mirror
+        half's); None without masks."""
         other = "right" if s.hemisphere == "left" else "left"
         masks = self._hemisphere_masks(s.subject_id)
         if masks is None or s.side == "unknown":
             return None
         x = swap_lesions(self.store.hemisphere(s.subject_id, s.hemisphere), self.store.hemisphere(s.subject_id, other),
                          masks[s.hemisphere], masks[other])
-        return x, int(s.side in (other, "bilateral"))
+        return x, int(s.side in (other, "bilateral")), masks[other]
 
-    def _transplanted(self, s: Sample, rng: np.random.Generator) -> np.ndarray | None:
-        """The lesion of ``s`` carved into the healthy half of another subject; None without masks/recipients."""
+    def _transplanted(self, s: Sample, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray] | None:
+        """The lesion of ``s`` carved into the healthy half of another subject, and its mask (unchanged: same
+        place on the common grid); None without masks/recipients."""
         others = [r for r in self._recipients if r.subject_id != s.subject_id]
         masks = self._hemisphere_masks(s.subject_id)
         mask = None if masks is None else masks[s.hemisphere]
@@ -145,28 +159,47 @@ class StoreDataset(Dataset):
         r = others[int(rng.integers(len(others)))]
         healthy = self.store.hemisphere(r.subject_id, "right" if r.side == "left" else "left")
         w = _soft_mask(mask)
-        return (healthy * (1 - w) + self.store.hemisphere(s.subject_id, s.hemisphere) * w).astype(np.float32)
+        return (healthy * (1 - w) + self.store.hemisphere(s.subject_id, s.hemisphere) * w).astype(np.float32), mask
+
+    def _own_mask(self, s: Sample) -> np.ndarray:
+        masks = self._hemisphere_masks(s.subject_id)
+        if masks is None:
+            raise UserError(f"subject {s.subject_id}, file {self.store.path}: no lesion mask in the store, and task "
+                            "samples of a segmentation task need one; add lesion_mask to the manifest and re-run prep")
+        return masks[s.hemisphere]
+
+    def read_with_mask(self, index: int, rng: np.random.Generator | None = None
+                       ) -> tuple[np.ndarray, int, np.ndarray | None]:
+        """Item ``index`` (channels selected, intensity mapped), its label, and its lesion mask when the sample
+        asks for one (else None); ``rng`` draws the lesion swap or transplant."""
+        s = self.samples[index]
+        x, label, mask = None, s.label, None
+        if self.lesion_swap and rng is not None and rng.random() < self.lesion_swap:
+            x, label, mask = self._swapped(s) or (None, label, None)
+        elif self.lesion_transplant and rng is not None and rng.random() < self.lesion_transplant:
+            x, mask = self._transplanted(s, rng) or (None, None)
+        if x is None:
+            x = self.store.volume(s.subject_id) if s.hemisphere == "both" else self.store.hemisphere(s.subject_id, s.hemisphere)
+        if s.mask and mask is None:
+            mask = self._own_mask(s)
+        x = x[self.channel_index]
+        if self.intensity == "unit":
+            x = scale_to_unit(x)
+        return x, label, (mask.astype(np.float32) if s.mask else None)
 
     def read(self, index: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, int]:
         """Item ``index`` (channels selected, intensity mapped) and its label; ``rng`` draws the lesion swap
         or transplant."""
-        s = self.samples[index]
-        x, label = None, s.label
-        if self.lesion_swap and rng is not None and rng.random() < self.lesion_swap:
-            x, label = self._swapped(s) or (None, label)
-        elif self.lesion_transplant and rng is not None and rng.random() < self.lesion_transplant:
-            x = self._transplanted(s, rng)
-        if x is None:
-            x = self.store.volume(s.subject_id) if s.hemisphere == "both" else self.store.hemisphere(s.subject_id, s.hemisphere)
-        x = x[self.channel_index]
-        if self.intensity == "unit":
-            x = scale_to_unit(x)
+        x, label, _ = self.read_with_mask(index, rng)
         return x, label
 
     def __getitem__(self, index: int) -> dict:
         drawn = self.augment or self.lesion_swap or self.lesion_transplant
         rng = np.random.default_rng((self.seed, self.epoch, index)) if drawn else None
-        x, label = self.read(index, rng)
+        x, label, mask = self.read_with_mask(index, rng)
         if self.augment:
-            x = augment(x, rng, **self.augment)
-        return {"x": torch.from_numpy(np.ascontiguousarray(x)), "y": torch.tensor(float(label)), "index": index}
+            x, mask = augment_with_mask(x, mask, rng, **self.augment)
+        item = {"x": torch.from_numpy(np.ascontiguousarray(x)), "y": torch.tensor(float(label)), "index": index}
+        if mask is not None:
+            item["mask"] = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))
+        return item

@@ -6,6 +6,8 @@ subject score, which label-aware augmentations keep its label true, and how a re
 modules ask this registry; none branches on a task's name.
 
     lesion_present  per hemisphere: the half holds a lesion (store masks, else the manifest's stroke_side)
+    lesion_seg      per hemisphere, subjects with a lesion mask: the half's lesion mask (pixel-level), and its
+                    presence; scored by the largest predicted lesion probability (a lesion_present-like score)
     tss_lt_3h       lesion hemispheres with a known onset: onset_to_mri_min < 180
     tss_lt_4h5      lesion hemispheres with a known onset: onset_to_mri_min < 270
     mrs_gt_2        per subject (whole volume): mrs_90d > 2
@@ -41,6 +43,10 @@ class Task:
     """Hemispheres -> one subject score: a subject has a stroke if either half has one; onset averages."""
     augmentations: frozenset[str] = frozenset()
     """Label-aware augmentations whose label stays true for this task (see stroke_tss.data)."""
+    target: Literal["label", "mask"] = "label"
+    """label: one 0/1 per sample, BCE on the model's logit. mask: the sample also carries its hemisphere's
+    lesion mask; the loss adds BCE + soft Dice on the model's lesion map, and a sample's score is its largest
+    predicted lesion probability (stroke_tss.train)."""
 
     def rule(self, values: pd.Series) -> pd.Series:
         """0/1 labels of clinical ``values`` (numbers; NaN stays NaN)."""
@@ -53,6 +59,9 @@ class Task:
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task("lesion_present", "Lesion present", "hemispheres", None, subject_score="max",
          augmentations=frozenset({"lesion_swap"})),
+    # a swap moves the mask with the lesion (stroke_tss.data), so the segmentation stays true under it
+    Task("lesion_seg", "Lesion segmentation", "hemispheres", None, subject_score="max",
+         augmentations=frozenset({"lesion_swap"}), target="mask"),
     Task("tss_lt_3h", "TSS < 3 h", "lesion_hemispheres", "onset_to_mri_min", 180.0,
          augmentations=frozenset({"lesion_transplant"})),
     Task("tss_lt_4h5", "TSS < 4.5 h", "lesion_hemispheres", "onset_to_mri_min", 270.0,
@@ -80,6 +89,7 @@ class Sample:
     hemisphere: str  # left | right | both (whole volume)
     label: int
     side: str = "unknown"  # the subject's lesion side (left | right | bilateral | none): an oversampling stratum
+    mask: bool = False  # the item carries the hemisphere's lesion mask (tasks with target "mask")
 
 
 def _flag(value) -> bool | None:
@@ -131,11 +141,11 @@ def task_samples(table: pd.DataFrame, task: str, subject_ids: Sequence[str] | No
                 continue
             samples.append(Sample(sid, "both", int(label), side_name(sides)))
             continue
-        if sides is None:
+        if sides is None or (spec.target == "mask" and not _flag(row.get("has_lesion_mask"))):
             skipped += 1
             continue
         if spec.samples == "hemispheres":
-            samples += [Sample(sid, s, int(sides[s]), side_name(sides)) for s in SIDES]
+            samples += [Sample(sid, s, int(sides[s]), side_name(sides), spec.target == "mask") for s in SIDES]
             continue
         lesion_halves = [s for s in SIDES if sides[s]]
         if pd.isna(label) or not lesion_halves:

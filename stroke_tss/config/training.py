@@ -47,8 +47,9 @@ class StoppingSection(Section):
     """Never stop before this many epochs."""
     patience: int = Field(10, ge=1)
     """Epochs without improvement of `monitor` before stopping."""
-    monitor: Literal["val_loss", "val_auc"] = "val_loss"
-    """Validation quantity that defines 'best' and drives early stopping."""
+    monitor: Literal["val_loss", "val_auc", "val_dice"] = "val_loss"
+    """Validation quantity that defines 'best' and drives early stopping (val_dice: segmentation tasks, the
+    Dice of the thresholded lesion map over the validation hemispheres)."""
     min_delta: float = Field(0.0, ge=0)
     """Smallest change that counts as an improvement."""
     restore_best: bool = True
@@ -117,7 +118,7 @@ class PhaseSection(Section):
     init: str = "random"
     """random | the name of an earlier phase | genesis | a weights file (natural/medical-image baselines)."""
     freeze: list[str] | Literal["auto"] = Field(default_factory=list)
-    """Parameter groups held fixed (stem, block1..block4, attention, slice_weights, head), or `auto`: search
+    """Parameter groups held fixed (stem, block1..block4, seg_head, attention, slice_weights, head), or `auto`: search
     the depth (none, stem, stem+block1, ...) by `adapt` and train at the chosen one."""
     adapt: AdaptSection = Field(default_factory=AdaptSection)
     """Settings of the depth search when freeze is `auto`."""

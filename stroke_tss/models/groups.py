@@ -15,7 +15,7 @@ from torch import nn
 
 from stroke_tss.errors import UserError
 
-GROUP_NAMES = ("stem", "block1", "block2", "block3", "block4", "attention", "slice_weights", "head")
+GROUP_NAMES = ("stem", "block1", "block2", "block3", "block4", "seg_head", "attention", "slice_weights", "head")
 BACKBONE_GROUPS = GROUP_NAMES[:5]
 # Frozen norm layers keep their running statistics: momentum 0 leaves them unchanged in train mode too,
 # and survives `model.train()`, which a requires_grad flag alone does not cover.

@@ -18,6 +18,15 @@ survives a max (multiple-instance pooling). The paper's network averages.
 adds nothing to the logit and the gate's parameters get no gradient (`inactive_groups` keeps them frozen).
 The parameters stay in the state dict, so the weights of a phase without the gate load into a phase with
 it; see `stroke_tss.models.gates` for the paper's schedule (gates added in the last phase).
+
+Beyond the paper: `seg_head=True` adds a small segmentation head (3x3 conv, ReLU, 1x1 conv) on stage
+`seg_stage` (default 1: stride 4, the finest stage, 12x6 cells per 4 mm demo slice where stage 4 has 2x1),
+giving a lesion logit per cell (`maps["lesion"]`, trained by the lesion_seg task against the mask pooled onto
+that grid). `pool="lesion"` (needs the head) makes the onset head read where the lesion is: each slice's
+feature cells (stage 4, the gated stage, and the seg stage itself, whose local features join the classifier)
+are averaged with weights = the predicted lesion probability, and the slice logits are combined by each
+slice's share of the predicted lesion mass instead of the learned slice weights (together: one lesion-weighted
+mean over the hemisphere). The probabilities are detached: the onset loss cannot move where the head reads.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from torch import nn
 from stroke_tss.errors import UserError
 from stroke_tss.models.attention import GridAttentionGate
 from stroke_tss.models.norm import check_norm, replace_norm
-from stroke_tss.models.pool import check_pool, make_pool
+from stroke_tss.models.pool import LESION, POOLS, check_pool, lesion_pool, make_pool
 
 
 def resnet18_backbone(*, in_channels: int, base_channels: int, norm: str) -> ResNet:
@@ -61,26 +70,35 @@ class SliceWise2D(nn.Module):
 
     def __init__(self, *, num_slices: int, in_channels: int = 3, base_channels: int = 64, norm: str = "batch",
                  gate_stage: int = 3, adjacent_slices: int = 0, dropout: float = 0.0, pool: str = "avg",
-                 attention: bool = True):
+                 attention: bool = True, seg_head: bool = False, seg_stage: int = 1):
         super().__init__()
         check_norm(norm)
-        check_pool(pool)
+        check_pool(pool, allowed=(*POOLS, LESION))
         if gate_stage not in (2, 3):
             raise UserError(f"gate_stage must be 2 or 3 (gated by stage 4), got {gate_stage}")
         if num_slices < 1 or adjacent_slices < 0:
             raise UserError(f"need num_slices >= 1 and adjacent_slices >= 0, got {num_slices}, {adjacent_slices}")
+        if seg_stage not in (1, 2, 3, 4):
+            raise UserError(f"seg_stage must be one of the backbone stages 1-4, got {seg_stage}")
+        if pool == LESION and not seg_head:
+            raise UserError("pool: lesion weights features by the predicted lesion map; set seg_head: true too")
         self.init_args = {"num_slices": num_slices, "in_channels": in_channels, "base_channels": base_channels,
                           "norm": norm, "gate_stage": gate_stage, "adjacent_slices": adjacent_slices,
-                          "dropout": dropout, "pool": pool, "attention": attention}
+                          "dropout": dropout, "pool": pool, "attention": attention, "seg_head": seg_head,
+                          "seg_stage": seg_stage}
         b = base_channels
         self.backbone = resnet18_backbone(in_channels=in_channels * (2 * adjacent_slices + 1),
                                           base_channels=b, norm=norm)
         gated = b * 2 ** (gate_stage - 1)
+        local = b * 2 ** (seg_stage - 1)
         self.gated_columns = slice(0, gated)  # the classifier's inputs from the gated branch
         self.gate = GridAttentionGate(gated, 8 * b, spatial_dims=2, norm=norm)
-        self.pool = make_pool(pool, spatial_dims=2)
+        if seg_head:
+            self.seg_head = nn.Sequential(nn.Conv2d(local, local, 3, padding=1), nn.ReLU(inplace=True),
+                                          nn.Conv2d(local, 1, 1))
+        self.pool = None if pool == LESION else make_pool(pool, spatial_dims=2)
         self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(gated + 8 * b, 1)
+        self.classifier = nn.Linear(gated + 8 * b + (local if pool == LESION else 0), 1)
         self.slice_weights = nn.Parameter(torch.full((num_slices,), -math.log(max(num_slices - 1, 1e-6))))
 
     @property
@@ -99,7 +117,7 @@ class SliceWise2D(nn.Module):
 
     def forward_with_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Logits (batch,) plus {"attention": (B, S, h, w) gate map (absent with attention off),
-        "slice_logits": (B, S)}."""
+        "lesion": (B, S, h, w) lesion logits on the seg stage's grid (with seg_head), "slice_logits": (B, S)}."""
         batch, _, num_slices, height, width = x.shape
         if num_slices != self.slice_weights.numel():
             raise UserError(f"input has {num_slices} slices but the model was built with "
@@ -111,26 +129,49 @@ class SliceWise2D(nn.Module):
                              f"{self.init_args['gate_stage']}, got {height}x{width}")
         slices = neighbour_stack(x, self.init_args["adjacent_slices"]).flatten(0, 1)
         features = self.stages(slices)
-        deep = self.pool(features[3]).flatten(1)
-        maps = {}
+        maps, weights = {}, None
+        if self.init_args["seg_head"]:
+            lesion = self.seg_head(features[self.init_args["seg_stage"] - 1])
+            maps["lesion"] = lesion.view(batch, num_slices, *lesion.shape[2:])
+            if self.pool is None:
+                weights = torch.sigmoid(lesion.detach().float()).to(lesion.dtype)
+
+        def pool(f: torch.Tensor) -> torch.Tensor:
+            return self.pool(f).flatten(1) if weights is None else lesion_pool(f, weights)
+
+        parts = [pool(features[3])]
         if self.init_args["attention"]:
             gated, attention = self.gate(features[self.init_args["gate_stage"] - 1], features[3])
-            gated = self.pool(gated).flatten(1)
             maps["attention"] = attention.view(batch, num_slices, *attention.shape[2:])
+            parts.insert(0, pool(gated))
         else:
-            gated = deep.new_zeros(deep.shape[0], self.gated_columns.stop)
-        slice_logits = self.classifier(self.dropout(torch.cat([gated, deep], 1))).view(batch, num_slices)
-        logits = (slice_logits * self.slice_weight_values).sum(1)
+            parts.insert(0, parts[0].new_zeros(parts[0].shape[0], self.gated_columns.stop))
+        if weights is not None:
+            parts.append(pool(features[self.init_args["seg_stage"] - 1]))
+        slice_logits = self.classifier(self.dropout(torch.cat(parts, 1))).view(batch, num_slices)
+        logits = (slice_logits * self.slice_combination(weights, batch, num_slices)).sum(1)
         return logits, {**maps, "slice_logits": slice_logits}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_with_maps(x)[0]
+    def slice_combination(self, weights: torch.Tensor | None, batch: int, num_slices: int) -> torch.Tensor:
+        """(B, S) factors of the slice logits: the learned slice weights, or under lesion pooling each slice's
+        share of the hemisphere's predicted lesion mass."""
+        if weights is None:
+            return self.slice_weight_values.expand(batch, num_slices)
+        mass = weights.sum((1, 2, 3)).view(batch, num_slices)
+        return mass / mass.sum(1, keepdim=True).clamp_min(1e-6)
+
+    def forward(self, x: torch.Tensor, *, with_lesion: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (batch,); with_lesion: also the lesion logits (B, S, h, w), through the same call so a DDP or
+        DeepSpeed wrapper sees the forward pass that the segmentation loss back-propagates through."""
+        logits, maps = self.forward_with_maps(x)
+        return (logits, maps["lesion"]) if with_lesion else logits
 
     def inactive_groups(self) -> tuple[str, ...]:
         """Groups that take no part in the forward pass (held frozen by `freeze`)."""
-        return () if self.init_args["attention"] else ("attention",)
+        off = () if self.init_args["attention"] else ("attention",)
+        return off + (("slice_weights",) if self.init_args["pool"] == LESION else ())
 
     def group_prefixes(self) -> dict[str, tuple[str, ...]]:
         stages = {f"block{i}": (f"backbone.layer{i}",) for i in range(1, 5)}
-        return {"stem": ("backbone.conv1", "backbone.bn1"), **stages, "attention": ("gate",),
+        return {"stem": ("backbone.conv1", "backbone.bn1"), **stages, "seg_head": ("seg_head",), "attention": ("gate",),
                 "slice_weights": ("slice_weights",), "head": ("classifier",)}
