@@ -98,4 +98,6 @@ def test_isles_case_scan_prep_lesion_in_left_hemisphere(isles: Path, tmp_path: P
     assert centroid[0] < -10, centroid  # RAS: the patient's left is x < 0, clear of the midline
     row = s.table.iloc[0]
     assert row["lesion_left"] and not row["lesion_right"] and row["derived"] == "b0=dwi*exp(b*adc)"
-    assert s.volume(sid)[:, s.brain(sid) > 0].std(axis=1) == pytest.approx(1.0, abs=0.3)
+    # robust z-scores (median 0, the IQR of a unit normal), kept as they are by matching to its own histogram
+    q1, median, q3 = np.percentile(s.volume(sid)[:, s.brain(sid) > 0], (25, 50, 75), axis=1)
+    assert median == pytest.approx(0.0, abs=0.01) and q3 - q1 == pytest.approx(1.349, rel=0.01), (q1, median, q3)
