@@ -4,6 +4,10 @@ own pretraining. `cv` of the 3D schedule (its lesion phase, encoder frozen) on a
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,12 +54,12 @@ def fold_run(store, tmp_path_factory) -> Path:
     return run
 
 
-@pytest.mark.integration
-def test_each_fold_pretrains_on_its_own_subjects_and_never_on_its_test_ones(fold_run):
-    splits = json.loads((fold_run / "splits.json").read_text())["folds"]
-    assert not (fold_run / "genesis" / "weights.pt").exists(), "no pretraining shared by the folds"
+def check_own_subjects(run: Path) -> None:
+    """Each fold's Genesis saw exactly its own train and val subjects, and subjects.json says so."""
+    splits = json.loads((run / "splits.json").read_text())["folds"]
+    assert not (run / "genesis" / "weights.pt").exists(), "no pretraining shared by the folds"
     for k, fold in enumerate(splits):
-        record = json.loads((fold_run / "genesis" / f"fold-{k}" / "subjects.json").read_text())
+        record = json.loads((run / "genesis" / f"fold-{k}" / "subjects.json").read_text())
         assert set(record) == RECORD_KEYS  # what the report reads
         assert record["mode"] == "fold" and record["fold"] == k
         seen = set(record["subjects"])
@@ -63,18 +67,28 @@ def test_each_fold_pretrains_on_its_own_subjects_and_never_on_its_test_ones(fold
         assert record["test_subjects_seen"] == 0
         assert seen == set(fold["train"]) | set(fold["val"])  # everything else it may use
     # with 2 folds each fold's test subjects are the other fold's pretraining subjects: two different sets
-    assert set(splits[0]["test"]) <= set(json.loads((fold_run / "genesis/fold-1/subjects.json").read_text())["subjects"])
+    assert set(splits[0]["test"]) <= set(json.loads((run / "genesis/fold-1/subjects.json").read_text())["subjects"])
+
+
+def check_starts_from_own(run: Path) -> None:
+    """Each fold's lesion phase (encoder frozen) holds exactly its own fold's Genesis encoder."""
+    genesis = [_encoder(run / "genesis" / f"fold-{k}" / "weights.pt") for k in range(2)]
+    assert any(not torch.equal(v, genesis[1][k]) for k, v in genesis[0].items() if v.is_floating_point()), \
+        "the two folds' pretrainings are identical: the check below could not tell them apart"
+    for k in range(2):
+        lesion = torch.load(run / "3d" / f"fold-{k}" / "lesion" / "weights.pt", weights_only=True)["state_dict"]
+        differ = [name for name, v in genesis[k].items() if not torch.equal(lesion[name], v)]
+        assert not differ, f"fold {k}'s lesion phase did not start from genesis/fold-{k}: {differ[:3]}"
+
+
+@pytest.mark.integration
+def test_each_fold_pretrains_on_its_own_subjects_and_never_on_its_test_ones(fold_run):
+    check_own_subjects(fold_run)
 
 
 @pytest.mark.integration
 def test_each_folds_lesion_phase_starts_from_its_own_genesis(fold_run):
-    genesis = [_encoder(fold_run / "genesis" / f"fold-{k}" / "weights.pt") for k in range(2)]
-    assert any(not torch.equal(v, genesis[1][k]) for k, v in genesis[0].items() if v.is_floating_point()), \
-        "the two folds' pretrainings are identical: the check below could not tell them apart"
-    for k in range(2):
-        lesion = torch.load(fold_run / "3d" / f"fold-{k}" / "lesion" / "weights.pt", weights_only=True)["state_dict"]
-        differ = [name for name, v in genesis[k].items() if not torch.equal(lesion[name], v)]
-        assert not differ, f"fold {k}'s lesion phase did not start from genesis/fold-{k}: {differ[:3]}"
+    check_starts_from_own(fold_run)
 
 
 @pytest.mark.integration
@@ -125,3 +139,29 @@ def test_train_is_refused_for_a_new_pretraining_but_an_old_run_folder_resumes(tm
     (tmp_path / "genesis").mkdir()
     (tmp_path / "genesis" / "weights.pt").touch()  # what such a run wrote before `fold` existed
     assert genesis_todo(cfg) == []
+
+
+@pytest.mark.slurm
+def test_slurm_runs_one_genesis_per_fold_as_an_array_the_folds_wait_for(slurm_cluster, store, tmp_path):
+    """`cv --no-wait` on Slurm: the Genesis items are one array, the fold array depends on it (afterok), and
+    each fold still starts from its own pretraining."""
+    from tests.fixtures.slurm import wait_for_jobs
+
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "stroke_tss", "cv", TSS3D, f"data.store={store}", f"run.dir={run}", "--variant", "3d",
+         *SMALL, *LESION_ONLY, "--executor", "slurm", "--no-wait", "launch.partition=debug", "launch.gpus_per_node=0",
+         "launch.cpus_per_task=1", "launch.mem_gb=null", "launch.time_min=20", "launch.signal_delay_s=30"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    genesis = re.search(r"Models Genesis pretraining is job (\d+); the folds wait for it \(afterok\)", proc.stderr)
+    array = re.search(r"submitted 2 items as job (\d+);", proc.stdout)
+    assert genesis and array, proc.stdout + proc.stderr[-3000:]
+    genesis, array = genesis.group(1), array.group(1)
+    assert "Models Genesis items: genesis-fold-0, genesis-fold-1" in proc.stderr
+    assert f"--dependency=afterok:{genesis}" in (run / "jobs" / "submitit" / f"{array}_submission.sh").read_text()
+    assert sorted(wait_for_jobs(genesis, num_tasks=2, start_s=180, run_s=400).values()) == ["COMPLETED"] * 2
+    assert sorted(wait_for_jobs(array, num_tasks=2, start_s=180, run_s=400).values()) == ["COMPLETED"] * 2
+    check_own_subjects(run)
+    check_starts_from_own(run)
