@@ -115,8 +115,12 @@ def test_pretrain_verb_trains_one_fold_and_train_names_the_folds_file(store, tmp
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"stroke-tss train: error: init: genesis needs {run / 'genesis' / 'fold-1' / 'weights.pt'} (fold 1's own "
         "pretraining); run `stroke-tss pretrain CONFIG --fold 1` first")
-    assert _cli("pretrain", TSS3D, "--fold", "1", *common) == 0
-    assert sorted(p.parent.name for p in run.glob("genesis/*/weights.pt")) == ["fold-1"]
+    assert _cli("pretrain", TSS3D, "--fold", "0", *common) == 0
+    assert sorted(p.parent.name for p in run.glob("genesis/*/weights.pt")) == ["fold-0"]
+    done = (run / "genesis/fold-0/weights.pt").stat().st_mtime_ns
+    assert _cli("pretrain", TSS3D, *common) == 0  # without --fold: every fold, the finished one skipped
+    assert sorted(p.parent.name for p in run.glob("genesis/*/weights.pt")) == ["fold-0", "fold-1"]
+    assert (run / "genesis/fold-0/weights.pt").stat().st_mtime_ns == done
     other = [f"data.store={store}", f"run.dir={tmp_path / 'all'}", *SMALL, *LESION_ONLY, "genesis.subjects=all"]
     assert _cli("pretrain", TSS3D, "--fold", "0", *other) == 2
     assert "--fold 0: genesis.subjects is all, one pretraining for the whole run" in capsys.readouterr().err
