@@ -236,10 +236,10 @@ def test_3d_schedule_after_genesis_pretraining(store, tmp_path, capsys):
               "phases.lesion.train_only=[attention,head]"]
     assert _cli("train", "configs/tss3d.yaml", "--fold", "0", "--variant", "3d", *common) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"stroke-tss train: error: init: genesis needs {run / 'genesis' / 'weights.pt'}; "
-        "run `stroke-tss pretrain CONFIG` first")
-    assert _cli("pretrain", "configs/tss3d.yaml", *common) == 0
-    genesis = torch.load(run / "genesis/weights.pt", weights_only=True)
+        f"stroke-tss train: error: init: genesis needs {run / 'genesis' / 'fold-0' / 'weights.pt'} (fold 0's own "
+        "pretraining); run `stroke-tss pretrain CONFIG --fold 0` first")
+    assert _cli("pretrain", "configs/tss3d.yaml", "--fold", "0", *common) == 0
+    genesis = torch.load(run / "genesis/fold-0/weights.pt", weights_only=True)
     assert genesis["model"] == "unet3d"
     # every encoder tensor but BatchNorm's step counters, which count on while the statistics are held
     encoder = {k: v for k, v in genesis["state_dict"].items()
@@ -263,7 +263,7 @@ def test_genesis_pretraining_preempted_mid_epoch_resumes_at_its_step(store, tmp_
     from hpc import preempt
 
     def pretrain(run: Path) -> int:
-        return _cli("pretrain", "configs/tss3d.yaml", f"data.store={store}", f"run.dir={run}", *SMALL,
+        return _cli("pretrain", "configs/tss3d.yaml", "--fold", "0", f"data.store={store}", f"run.dir={run}", *SMALL,
                     "genesis.base_channels=4", "genesis.epochs=2", "genesis.crop=[16,16,8]",
                     "genesis.crops_per_subject=2", "genesis.batch_size=4")
 
@@ -273,14 +273,15 @@ def test_genesis_pretraining_preempted_mid_epoch_resumes_at_its_step(store, tmp_
     monkeypatch.setenv("STROKE_TSS_PREEMPT_FILE", str(flag))
     assert pretrain(tmp_path / "preempted") == preempt.EXIT_CODE
     assert "preempted at epoch 0, step 1; checkpoint saved; run the same command again" in capsys.readouterr().err
-    assert not (tmp_path / "preempted/genesis/weights.pt").exists()
+    assert not (tmp_path / "preempted/genesis/fold-0/weights.pt").exists()
     flag.unlink()
     assert pretrain(tmp_path / "preempted") == 0
     assert "resumed" in (err := capsys.readouterr().err) and "at epoch 0, step 1" in err, err
-    a = torch.load(tmp_path / "straight/genesis/weights.pt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "preempted/genesis/weights.pt", weights_only=True)["state_dict"]
+    a = torch.load(tmp_path / "straight/genesis/fold-0/weights.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "preempted/genesis/fold-0/weights.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert _epochs(tmp_path / "straight/genesis/log.jsonl") == _epochs(tmp_path / "preempted/genesis/log.jsonl")
+    assert _epochs(tmp_path / "straight/genesis/fold-0/log.jsonl") == \
+        _epochs(tmp_path / "preempted/genesis/fold-0/log.jsonl")
 
 
 @pytest.mark.integration
@@ -288,7 +289,8 @@ def test_a_genesis_checkpoint_of_the_old_loop_resumes_at_its_epoch(store, tmp_pa
     """Run folders from before Genesis joined the phases' loop saved only {"epoch": next} at epoch ends."""
     run = tmp_path / "run"
     args = ["pretrain", "configs/tss3d.yaml", f"data.store={store}", f"run.dir={run}", *SMALL,
-            "genesis.base_channels=4", "genesis.crop=[16,16,8]", "genesis.batch_size=4"]
+            "genesis.base_channels=4", "genesis.crop=[16,16,8]", "genesis.batch_size=4",
+            "genesis.subjects=all"]  # the layout of that time: one RUN/genesis/ shared by the folds
     assert _cli(*args, "genesis.epochs=2") == 0
     (run / "genesis/weights.pt").unlink()
     shutil.rmtree(run / "genesis/ckpt/epoch-0002")  # as if killed after epoch 1 (a run folder is one config)
