@@ -19,6 +19,10 @@ lesion (all channels under its soft-edged mask) is carved into the healthy half 
 dataset, at the same place on the common grid; the label (the donor's onset) stays. The onset signal lives
 in the lesion's FLAIR and b0 contrast, so the label travels with the lesion while the anatomy around it is
 someone else's: the network cannot tie onset labels to the brains it trains on.
+
+Segmentation samples (``Sample.mask``, task lesion_seg) also carry the hemisphere's lesion mask, cut and
+flipped as the hemisphere is; a swap hands over the mirror half's mask with its lesion, a transplant keeps
+the carved lesion's mask, and a rotation turns the mask with the pixels.
 """
 
 from __future__ import annotations

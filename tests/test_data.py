@@ -147,3 +147,33 @@ def test_fold_samples_keep_both_hemispheres_of_a_subject_in_one_role(store):
                 assert owner.setdefault(s.subject_id, role) == role, (k, s.subject_id)
             assert set(Counter(s.subject_id for s in samples).values()) == {2}, (k, role)
         assert set(owner) == set(table["subject_id"])
+
+
+def test_segmentation_items_carry_the_hemisphere_mask_and_it_moves_with_the_lesion(store):
+    """lesion_seg items hold the mask on the flipped hemisphere grid, under the bright DWI blob; a lesion swap
+    gives the mirror half's mask with the mirror half's lesion, and a rotation turns mask and pixels alike."""
+    from data_prep.store import open_store
+
+    samples, _ = task_samples(open_store(store).table, "lesion_seg", ["sub-00", "sub-01", "sub-02", "sub-03"])
+    assert all(s.mask for s in samples) and len(samples) == 8  # every hemisphere takes part
+    plain = StoreDataset(store, samples)
+    for i, s in enumerate(samples):
+        item = plain[i]
+        mask = item["mask"].numpy() > 0
+        assert mask.any() == bool(s.label), s
+        if s.label:  # the mask covers the blob: x in 8:20 on both halves once the right one is flipped
+            assert mask[2:6, 10:20, 8:20].all() and mask.sum() == 4 * 10 * 12, s
+            assert item["x"][0].numpy()[mask].mean() > 2 > item["x"][0].numpy()[~mask].mean(), s
+    swapped = StoreDataset(store, samples, augment={"lesion_swap": 1.0})
+    for i, s in enumerate(samples):
+        item = swapped[i]
+        mask = item["mask"].numpy() > 0
+        assert mask.any() == bool(item["y"]), s
+        if mask.any():
+            assert item["x"][0].numpy()[mask].mean() > 2, s  # the mask follows the lesion that was pasted in
+    turned = StoreDataset(store, samples[:1], augment={"rotate_z_deg": 40}, seed=5)
+    item = turned[0]
+    mask = item["mask"].numpy() > 0
+    assert set(np.unique(item["mask"].numpy())) <= {0.0, 1.0}
+    assert not mask[2:6, 10:20, 8:20].all()  # it turned ...
+    assert item["x"][0].numpy()[mask].mean() > 2 > item["x"][0].numpy()[~mask].mean()  # ... with the lesion

@@ -246,3 +246,18 @@ def test_torchvision_resnet18_layout_loads_into_slicewise2d(tmp_path):
     assert torch.equal(own["backbone.layer4.1.bn2.weight"], state["layer4.1.bn2.weight"])
     with pytest.raises(ValueError, match="not a multiple"):
         inflate_conv_weight(state["conv1.weight"], 4)
+
+
+def test_the_segmentation_head_is_a_group_of_its_own_and_its_options_rebuild_the_model():
+    """seg_head, seg_stage and pool: lesion are init_args (weights.pt rebuilds the same network), and the head's
+    parameters form the seg_head group that phases freeze or train."""
+    model = build_model("slicewise2d", num_slices=3, base_channels=4, seg_head=True, seg_stage=2, pool="lesion")
+    groups = param_groups(model)
+    assert groups["seg_head"] and {id(p) for p in groups["seg_head"]} == {id(p) for p in model.seg_head.parameters()}
+    again = build_model("slicewise2d", **model.init_args)
+    again.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, 3, 32, 32)
+    model.eval(), again.eval()
+    assert torch.equal(model(x), again(x))
+    assert model(x, with_lesion=True)[1].shape == (1, 3, 4, 4)  # stage 2 of 32x32: stride 8
+    assert not param_groups(build_model("slicewise2d", num_slices=3, base_channels=4))["seg_head"]

@@ -38,6 +38,18 @@ def test_task_labels_follow_the_subjects_table():
     assert skipped == 1 and [(s.hemisphere, s.label) for s in mrs] == [("both", 0), ("both", 1), ("both", 1), ("both", 0)]
 
 
+def test_segmentation_takes_every_hemisphere_of_subjects_with_a_lesion_mask():
+    """lesion_seg: both halves of each subject whose store row has a lesion mask, labelled by lesion presence
+    (the max-probability score is judged against it) and asking the dataset for the mask; no mask: skipped."""
+    table = TABLE.assign(has_lesion_mask=[True, True, False, True, True])
+    seg, skipped = task_samples(table, "lesion_seg")
+    assert skipped == 1 and all(s.mask for s in seg)
+    assert [(s.subject_id, s.hemisphere, s.label) for s in seg] == [
+        ("a", "left", 1), ("a", "right", 0), ("b", "left", 0), ("b", "right", 0), ("d", "left", 0),
+        ("d", "right", 1), ("e", "left", 1), ("e", "right", 1)]
+    assert not any(s.mask for s in task_samples(table, "lesion_present")[0])
+
+
 def test_task_errors_name_the_problem():
     with pytest.raises(ValueError, match="unknown task 'tss_lt_6h'"):
         task_samples(TABLE, "tss_lt_6h")
@@ -69,7 +81,7 @@ def test_a_phase_trains_with_only_the_augmentations_its_labels_survive(tmp_path)
     subjects = {"train": ids[:6], "val": ids[6:9], "test": ids[9:]}
     cfg = Config(data={"store": store.path}, run={"dir": tmp_path / "run"},
                  train=TrainSection(augment={"lesion_swap": 0.5, "lesion_transplant": 0.5, "noise_std": 0.1}))
-    for name in ("lesion_present", "tss_lt_4h5"):
+    for name in ("lesion_present", "lesion_seg", "tss_lt_4h5"):
         datasets = phase_datasets(cfg, PhaseSection(task=name), subjects, store, where="test")
         kept = {k for k in LABEL_AUGMENTATIONS if getattr(datasets["train"], k)}
         assert kept == set(get_task(name).augmentations), name
