@@ -64,6 +64,12 @@ class LoopSettings:
     ckpt_every_epochs: int = 1
     ckpt_every_steps: int | None = None
     keep_checkpoints: int = 2
+    name: str | None = None
+    """What the epoch lines and the progress bar call this training (default: the folder's name). Genesis of
+    fold K trains in RUN/genesis/fold-K/: its folder name alone would read like a phase of the fold."""
+
+    def label(self, out_dir: Path) -> str:
+        return self.name or out_dir.name
 
     def steps_per_epoch(self, samples_per_rank: int) -> int:
         steps = math.ceil(samples_per_rank / self.batch_size)
@@ -134,7 +140,7 @@ def run_loop(eng: Engine, data: Dataset, sampler: ShardedSampler, *, out_dir: Pa
         start = time.perf_counter()
         steps_cap = settings.max_steps_per_epoch or len(loader) + loop["step_in_epoch"]
         bar = tqdm(total=min(steps_cap, len(loader) + loop["step_in_epoch"]), initial=loop["step_in_epoch"],
-                   desc=f"{out_dir.name} epoch {epoch}", disable=not show_bar, leave=False, dynamic_ncols=True)
+                   desc=f"{settings.label(out_dir)} epoch {epoch}", disable=not show_bar, leave=False, dynamic_ncols=True)
         for batch in loader:
             if loop["step_in_epoch"] >= steps_cap:
                 break
@@ -163,7 +169,7 @@ def run_loop(eng: Engine, data: Dataset, sampler: ShardedSampler, *, out_dir: Pa
         if eng.is_main:
             with open(out_dir / "log.jsonl", "a") as fh:
                 fh.write(json.dumps(record) + "\n")
-        log.info("%s epoch %d: %s", out_dir.name, epoch, {k: v for k, v in record.items() if k != "epoch"})
+        log.info("%s epoch %d: %s", settings.label(out_dir), epoch, {k: v for k, v in record.items() if k != "epoch"})
         stop = stop or epoch + 1 >= settings.max_epochs
         loop.update(epoch=epoch + 1, step_in_epoch=0, loss_sum=0.0, seen=0)
         if stop or (epoch + 1) % settings.ckpt_every_epochs == 0:

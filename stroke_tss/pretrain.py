@@ -50,6 +50,12 @@ def genesis_dir(run_dir: str | Path, *, subjects: str, fold: int | None) -> Path
     return Path(run_dir) / "genesis" / f"fold-{fold}"
 
 
+def genesis_label(out: Path) -> str:
+    """How the loop's epoch lines name a pretraining: genesis/fold-<k> for a fold's folder (genesis_dir's
+    layout), genesis otherwise; the folder name alone, fold-<k>, would read like a phase of the fold."""
+    return f"genesis/{out.name}" if out.parent.name == "genesis" else "genesis"
+
+
 def write_subjects_record(path: Path, record: dict) -> None:
     """OUT/subjects.json: which subjects the pretraining saw and how many test subjects among them."""
     tmp = path.with_name(path.name + ".tmp")
@@ -87,7 +93,7 @@ def pretrain_genesis(store: Store, subjects: Sequence[str], out: Path, *, genesi
     sampler = ShardedSampler([0] * len(dataset), rank=eng.rank, world_size=eng.world_size, seed=seed)
     settings = LoopSettings(batch_size=genesis.batch_size, num_workers=train.num_workers, max_epochs=genesis.epochs,
                             seed=seed, ckpt_every_steps=train.ckpt_every_steps,
-                            keep_checkpoints=train.keep_checkpoints)
+                            keep_checkpoints=train.keep_checkpoints, name=genesis_label(out))
     run_loop(eng, dataset, sampler, out_dir=out, settings=settings, loss=_mse_loss, end_epoch=_FixedEpochs(),
              opt_cfg=genesis.optimizer)
     if eng.is_main:

@@ -18,6 +18,8 @@ from tests.test_integrity_checkpoints import flip
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["model.options.base_channels=4", "train.num_workers=0", "train.threads=1", "train.batch_size=2",
          "train.stopping.max_epochs=1", "train.stopping.min_epochs=1", "cv.folds=2"]
+GENESIS = ["genesis.base_channels=4", "genesis.epochs=1", "genesis.crop=[16,16,8]", "genesis.crops_per_subject=1",
+           "genesis.batch_size=4"]
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +75,44 @@ def test_flipped_weights_are_named_by_phase_and_the_advice_repairs_them(run, sto
     (phase / "weights.pt").unlink()
     assert main(advice.split()[1:]) == 0
     assert _verify(capsys, run)[0] == 0
+
+
+@pytest.fixture(scope="module")
+def pretrained(store, tmp_path_factory) -> Path:
+    """Models Genesis of fold 0 alone (tss3d's genesis.subjects: fold): fold 1's is not started."""
+    run = tmp_path_factory.mktemp("integrity") / "genesis-run"
+    assert main(["pretrain", str(REPO / "configs/tss3d.yaml"), "--fold", "0", f"data.store={store}",
+                 f"run.dir={run}", *SMALL, *GENESIS]) == 0
+    return run
+
+
+def test_each_folds_genesis_is_verified_and_the_advice_repairs_it(pretrained, tmp_path, capsys):
+    run = Path(shutil.copytree(pretrained, tmp_path / "run"))
+    code, out = _verify(capsys, run)
+    assert code == 0, out
+    # fold 0's pretraining; RUN/genesis/ itself is none (fold 1's, like every phase, is not started yet)
+    assert "1 phases finished and verified" in out[-1] and "not finished" not in out[-1], out[-1]
+    weights = run / "genesis/fold-0/weights.pt"
+    flip(weights)
+    code, out = _verify(capsys, run)
+    assert code == 1
+    [line] = [line for line in out if line.startswith("damaged")]
+    assert f"{run / 'genesis/fold-0'}:" in line and "weights.pt" in line and "digest" in line
+    advice = line.split("re-run `")[1].split("`")[0]
+    assert advice == f"stroke-tss pretrain {run}/config.yaml --fold 0 run.dir={run}"
+    weights.unlink()
+    assert main(advice.split()[1:]) == 0
+    assert _verify(capsys, run)[0] == 0
+    assert not (run / "genesis/fold-1").exists(), "the advice pretrains the damaged fold alone"
+
+
+def test_the_second_folds_genesis_logs_as_such_and_is_verified_too(pretrained, tmp_path, capsys):
+    run = Path(shutil.copytree(pretrained, tmp_path / "run"))
+    assert main(["pretrain", f"{run}/config.yaml", "--fold", "1", f"run.dir={run}"]) == 0
+    # the epoch lines name the pretraining: "fold-1 epoch 0" alone reads like a phase of fold 1
+    assert "INFO stroke_tss.loop: genesis/fold-1 epoch 0: {" in capsys.readouterr().err
+    code, out = _verify(capsys, run)
+    assert code == 0 and "2 phases finished and verified" in out[-1], out
 
 
 def test_a_damaged_checkpoint_tag_is_named(run, capsys):

@@ -5,8 +5,9 @@
 
 A run folder: config.yaml valid and agreeing with splits.json (and the subjects of splits.json in the store,
 when the store is there); every phase that finished has a weights.pt matching its digest, a metrics.json and
-a predictions.csv of its fold's subjects; every checkpoint tag matches the digests of its save, and
-best-weights.pt its own. A store: `data_prep.verify.verify_store`, subject by subject.
+a predictions.csv of its fold's subjects, and every Models Genesis folder (one per fold, or RUN/genesis/) that
+finished its weights.pt; every checkpoint tag matches the digests of its save, and best-weights.pt its own.
+A store: `data_prep.verify.verify_store`, subject by subject.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from hpc.checkpoint import Checkpoints, load_file
 from hpc.errors import CheckpointError
 from stroke_tss.config import Config
 from stroke_tss.errors import UserError
+from stroke_tss.pretrain import genesis_dir
 from stroke_tss.runs.folder import read_run_config, splits_mismatch
 from stroke_tss.schedule import resolve_variant
 from stroke_tss.splits import read_splits
@@ -82,7 +84,7 @@ def verify_run(run_dir: str | Path) -> Report:
         return report
     splits = _check_splits(cfg, run_dir, report)
     if (run_dir / "genesis").is_dir():
-        _check_phase(run_dir / "genesis", report, subjects=None, rerun=f"stroke-tss pretrain {run_dir}/config.yaml run.dir={run_dir}")
+        _check_genesis(cfg, run_dir, report, splits)
     for variant in cfg.variants:
         phases = resolve_variant(cfg, variant).phases
         for k, fold in enumerate(splits["folds"] if splits else []):
@@ -91,6 +93,17 @@ def verify_run(run_dir: str | Path) -> Report:
                 _check_phase(run_dir / variant / f"fold-{k}" / phase, report,
                              subjects=set(fold["val"]) | set(fold["test"]), rerun=rerun)
     return report
+
+
+def _check_genesis(cfg: Config, run_dir: Path, report: Report, splits: dict | None) -> None:
+    """The Models Genesis folders: RUN/genesis/fold-<k>/ for every fold of splits.json under
+    `genesis.subjects: fold` (none known without it), else RUN/genesis/ itself."""
+    per_fold = cfg.genesis.subjects == "fold"
+    items = list(range(len(splits["folds"]) if splits else 0)) if per_fold else [None]
+    for item in items:
+        fold = "" if item is None else f" --fold {item}"
+        _check_phase(genesis_dir(run_dir, subjects=cfg.genesis.subjects, fold=item), report, subjects=None,
+                     rerun=f"stroke-tss pretrain {run_dir}/config.yaml{fold} run.dir={run_dir}")
 
 
 def _check_splits(cfg: Config, run_dir: Path, report: Report) -> dict | None:
