@@ -23,7 +23,7 @@ VERBS: dict[str, str] = {
     "scan": "Build a cohort manifest from a BIDS or ISLES'22-style tree.",
     "synth": "Generate a phantom cohort with known ground truth on the MNI152 anatomy.",
     "prep": "Validate a manifest and preprocess it into a chunked Zarr store (Dask).",
-    "pretrain": "Models Genesis self-supervised pretraining, once per run, into RUN/genesis/.",
+    "pretrain": "Models Genesis self-supervised pretraining: one per fold (default) or one for the run, into RUN/genesis/.",
     "train": "Run one fold's phase schedule for each (or one) variant.",
     "adapt": "Search the freezing depth of a transferred model (depths as one array), then train at the best.",
     "cv": "Cross-validate: every fold x variant as one job array (Slurm, local processes or in-process).",
