@@ -77,9 +77,13 @@ def expected_n(store: Path, task: str) -> int:
 
 
 def check_summary(run_dir: Path, store: Path, *, num_folds: int) -> dict:
-    """summary.json against the folds' own files: pooled test predictions, each binarised at its fold's
-    validation threshold."""
+    """summary.json's variant/phase rows (returned) against the folds' own files: pooled test predictions, each
+    binarised at its fold's validation threshold. The run-level keys beside them are the report's to check."""
+    from stroke_tss.runs.summary import RUN_KEYS, rows
+
     summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary) - set(rows(summary)) == set(RUN_KEYS)
+    summary = rows(summary)
     assert sorted(summary) == sorted(f"2d/{p}" for p in PHASES)
     for key, entry in summary.items():
         variant, phase = key.split("/")

@@ -1,5 +1,6 @@
 """The run level on two nodes: `prep --cluster slurm` with Dask workers on both nodes, `cv --executor slurm`
-with 2-node fold jobs behind a Genesis job they wait for, and a resume on another number of ranks."""
+with 2-node fold jobs behind the Genesis array (one pretraining per fold) they wait for, and a resume on another
+number of ranks."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from stroke_tss.runs.summary import rows
 from tests.test_data import make_store
 from tests.test_multinode_templates import job_state, wait_for
 from tests.test_prep_build import _config_file, assert_same_store
@@ -81,10 +83,11 @@ def _config_3d(folder: Path, store: Path, run: Path) -> Path:
     return path
 
 
+@pytest.mark.timeout(900)  # two pretrainings (one per fold) run before the folds, each on both nodes
 def test_cv_no_wait_submits_genesis_and_two_node_folds_that_wait_for_it(multinode_cluster, tmp_path):
-    """`cv --no-wait` returns while Models Genesis runs: Genesis is a 2-node job of its own, preempted once
-    (USR2) and requeued, and the fold array waits for it in Slurm (afterok); every fold is a 2-node job, and
-    `collect` gathers the run."""
+    """`cv --no-wait` returns while Models Genesis runs: Genesis is an array of its own, one 2-node task per
+    fold, fold 0's preempted once (USR2) and requeued, and the fold array waits for the whole of it in Slurm
+    (afterok); every fold is a 2-node job, and `collect` gathers the run."""
     store = make_store(tmp_path / "store.zarr", num_subjects=16)
     run = tmp_path / "run"
     config = _config_3d(tmp_path, store, run)
@@ -96,29 +99,33 @@ def test_cv_no_wait_submits_genesis_and_two_node_folds_that_wait_for_it(multinod
     array = re.search(r"submitted 2 items as job (\d+);", submit.stdout)
     assert genesis and array, submit.stdout + submit.stderr[-3000:]
     genesis, array = genesis.group(1), array.group(1)
-    assert not (run / "genesis" / "weights.pt").exists(), "cv --no-wait returned before Genesis ended"
+    assert "Models Genesis items: genesis-fold-0, genesis-fold-1" in submit.stderr
+    assert not list(run.glob("genesis/**/weights.pt")), "cv --no-wait returned before Genesis ended"
     assert returned_after < 60, f"cv --no-wait took {returned_after:.0f} s"
     reasons = multinode_cluster.run("squeue", "-h", "-j", array, "-o", "%T %r").stdout.split("\n")
     assert any("Dependency" in r for r in reasons), reasons
 
-    # Genesis preempted mid-run: it saves, submitit requeues it under the same id, and it resumes
-    genesis_log = run / "jobs" / "submitit" / f"{genesis}_0_log.err"
-    wait_for(lambda: genesis_log.is_file() and "genesis epoch 0:" in genesis_log.read_text(), "Genesis' first epoch",
-             240)
-    multinode_cluster.run("scancel", "--signal=USR2", genesis)
+    # fold 0's Genesis preempted mid-run: it saves, submitit requeues the task under the same id, and it
+    # resumes; rank 0's log of array task 0 is ARRAY_0_0_log.err (submitit's %A_%a_%t)
+    genesis_log = run / "jobs" / "submitit" / f"{genesis}_0_0_log.err"
+    wait_for(lambda: genesis_log.is_file() and "genesis/fold-0 epoch 0:" in genesis_log.read_text(),
+             "fold 0's Genesis' first epoch", 240)
+    multinode_cluster.run("scancel", "--signal=USR2", f"{genesis}_0")
     wait_for(lambda: all(job_state(multinode_cluster, f"{array}_{k}") in ("COMPLETED", "FAILED", "CANCELLED")
-                         for k in (0, 1)), "the folds to end", 480)
+                         for k in (0, 1)), "the folds to end", 720)
     text = genesis_log.read_text()
-    assert re.search(r"resumed \S+genesis at epoch \d+, step \d+", text), text[-3000:]
-    assert job_state(multinode_cluster, genesis) == "COMPLETED"
+    assert re.search(r"resumed \S+genesis/fold-0 at epoch \d+, step \d+", text), text[-3000:]
+    assert [job_state(multinode_cluster, f"{genesis}_{k}") for k in (0, 1)] == ["COMPLETED"] * 2
     assert [job_state(multinode_cluster, f"{array}_{k}") for k in (0, 1)] == ["COMPLETED", "COMPLETED"]
     nodes = multinode_cluster.run("squeue", "-h", "--states=all", "-j", f"{genesis},{array}", "-o", "%N").stdout
     assert set(nodes.split()) == {"node[1-2]"}, nodes
-    for tag in [*run.glob("genesis/ckpt/*/done"), *run.glob("3d/fold-*/*/ckpt/*/done")]:
+    tags = [*run.glob("genesis/fold-*/ckpt/*/done"), *run.glob("3d/fold-*/*/ckpt/*/done")]
+    assert {tag.parents[2].name for tag in tags if "genesis" in tag.parts} == {"fold-0", "fold-1"}, tags
+    for tag in tags:
         assert json.loads(tag.read_text())["world_size"] == 2, tag
     collect = stroke_tss(multinode_cluster, "collect", run, "--resamples", "200")
     assert collect.returncode == 0, collect.stderr[-3000:]
-    assert set(json.loads((run / "summary.json").read_text())) == {"3d/lesion", "3d/tss3h"}
+    assert set(rows(json.loads((run / "summary.json").read_text()))) == {"3d/lesion", "3d/tss3h"}
 
 
 @pytest.fixture(scope="module")
