@@ -5,7 +5,8 @@ a random axis, shifts <= 10 mm, scale +-5% per axis): a scanner point p shows th
 q = P^-1 (p + u(p)). The warp u is smooth (cosine basis up to order 3 per axis), its best affine fit over
 the head removed, so P stays the exact affine answer a registration should find, and scaled to 3-4 mm
 RMS over the head. FLAIR is acquired a little later: the head has moved by a small rigid motion M
-(<= 3 deg, <= 3 mm), so its pose is M P, on its own grid with twice-thick slices.
+(<= 3 deg, <= 3 mm), so its pose is M P, on its own grid: the DWI grid's in-plane voxels and the 4-6 mm
+slices of a clinical FLAIR protocol (4 mm times the site's slice factor), whatever the cohort's grid.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ FOV_MM = np.array([200.0, 240.0, 200.0])
 HEAD_CENTRE_MNI = np.array([0.0, -17.0, 5.0])
 HEAD_RADII_MM = np.array([75.0, 95.0, 80.0])  # ellipsoid over which warp RMS is measured
 DCT_ORDER = 3
+FLAIR_SLICE_MM = 4.0  # times the site's slice factor (1-1.5): 4-6 mm, as clinical FLAIR protocols acquire
 
 
 @dataclass
@@ -78,7 +80,8 @@ def make_geometry(rng: np.random.Generator, *, site: Site, spacing_mm: float) ->
     voxel = spacing_mm * np.array(site.voxel)
     centre = (pose @ [*HEAD_CENTRE_MNI, 1.0])[:3] + rng.uniform(-5, 5, 3)
     affine, shape = _grid(centre, voxel, site.flip_x)
-    flair_affine, flair_shape = _grid(centre, voxel * [1.0, 1.0, 2.0], site.flip_x)
+    flair_voxel = np.array([*voxel[:2], FLAIR_SLICE_MM * site.voxel[2]])
+    flair_affine, flair_shape = _grid(centre, flair_voxel, site.flip_x)
     k = np.arange(DCT_ORDER + 1)
     damp = 1.0 / (1.0 + k[:, None, None] + k[None, :, None] + k[None, None, :])
     coef = (rng.standard_normal((3, *damp.shape)) * damp).astype(np.float32)

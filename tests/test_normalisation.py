@@ -92,12 +92,12 @@ def test_mask_free_normalisation_keeps_the_mask_based_lesion_contrast_on_phantom
     assert len(with_lesion) >= 5
     robust, old = (_contrasts(with_lesion, raw_phantom[0], c) for c in (ROBUST, MASK_BASED))
     ratio = robust.mean(0) / old.mean(0)  # dwi, b0, flair
-    # measured on this cohort (seed 7, 8 subjects, lesions of 4-998 voxels): 1.045, 0.977, 1.090. The margin
+    # measured on this cohort (seed 7, 8 subjects, lesions of 4-998 voxels): 1.045, 0.977, 1.082. The margin
     # of 0.05 below each covers registration landing a voxel apart on another SimpleITK build. Mask-free
-    # landmarks up to the brain's 99th percentile drop FLAIR to 0.86 here, and DWI and FLAIR to 0.87 and 0.92
-    # on a 100-subject seed-0 cohort (robust up to the 80th: 0.97 and 0.96; the true-mask FLAIR readout of
-    # tss_lt_4h5 there: AUC 0.753 robust, 0.732 mask-based, 0.717 mask-free up to the 99th)
-    assert (ratio >= [0.99, 0.92, 1.04]).all(), ratio
+    # landmarks up to the brain's 99th percentile drop FLAIR to 0.86 here, and DWI and FLAIR to 0.87 and 0.91
+    # on a 100-subject seed-0 cohort (robust up to the 80th: 0.970 and 0.965; the true-mask FLAIR readout of
+    # tss_lt_4h5 there: AUC 0.773 robust, 0.757 mask-based, 0.741 mask-free up to the 99th)
+    assert (ratio >= [0.99, 0.92, 1.03]).all(), ratio
 
 
 @pytest.mark.integration  # the ISLES'22 case through the chain (~10 s) besides the phantom subjects
@@ -111,6 +111,6 @@ def test_mask_free_normalisation_keeps_the_mask_based_lesion_contrast_on_the_isl
     raw = preprocess_subject({k: v for k, v in row.items() if isinstance(v, str)}, config=config)
     assert raw.lesion is not None and raw.lesion.sum() >= 10
     robust, old = (_contrasts([raw], raw_phantom[0], c)[0] for c in (ROBUST, MASK_BASED))
-    # measured: dwi 2.61 vs 1.53, b0 0.32 vs 0.30, flair 0.48 vs 0.39 (ratios 1.71, 1.06, 1.21); the margin
-    # of 0.05 as above. Mask-free landmarks up to the 99th percentile give 1.25, 1.01, 0.99
-    assert (robust / old >= [1.65, 1.01, 1.16]).all(), (robust, old)
+    # measured: dwi 2.61 vs 1.53, b0 0.32 vs 0.30, flair 0.50 vs 0.40 (ratios 1.71, 1.06, 1.26); the margin
+    # of 0.05 as above. Mask-free landmarks up to the 99th percentile give 1.25, 1.01, 1.00
+    assert (robust / old >= [1.65, 1.01, 1.21]).all(), (robust, old)

@@ -70,7 +70,7 @@ def test_registration_to_the_template_matches_the_stored_pose(cohort: Path, anch
 
 @pytest.fixture(scope="module")
 def coarse_cohort(tmp_path_factory) -> Path:
-    """The demo's acquisition grid: about 4 mm voxels, FLAIR slices twice as thick (8-10 mm)."""
+    """The demo's acquisition grid: about 4 mm voxels, FLAIR slices of 4-6 mm."""
     return synthesize_cohort(tmp_path_factory.mktemp("phantom4mm"), num_subjects=4, seed=11, spacing_mm=4.0)
 
 
