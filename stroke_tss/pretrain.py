@@ -53,7 +53,7 @@ def genesis_dir(run_dir: str | Path, *, subjects: str, fold: int | None) -> Path
 def genesis_label(out: Path) -> str:
     """How the loop's epoch lines name a pretraining: genesis/fold-<k> for a fold's folder (genesis_dir's
     layout), genesis otherwise; the folder name alone, fold-<k>, would read like a phase of the fold."""
-    return f"genesis/{out.name}" if out.parent.name == "genesis" else "genesis"
+    return f"genesis/{out.name}" if out.parent.name == "genesis" and out.name.startswith("fold-") else "genesis"
 
 
 def write_subjects_record(path: Path, record: dict) -> None:
