@@ -156,6 +156,7 @@ def format_result(result: dict, timer: StageTimer) -> str:
         d = reported["3d_minus_3d_scratch"]
         lines.append(f"  3d - 3d_scratch tss_lt_4h5: {d['difference']:+.3f} (DeLong p={d['delong_p']})")
     out = Path(result["out"])
+    lines += [f"  (over seeds: stroke-tss demo --gates {out} OUT_OF_ANOTHER_SEED ...)"]
     lines += ["", f"report:   {result['report']}", f"ROC:      {out / 'run' / 'roc_tss_lt_4h5.png'}",
               f"summary:  {out / 'run' / 'summary.json'}"]
     if "png" in result["gradcam"]:
