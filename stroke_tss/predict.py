@@ -1,5 +1,9 @@
 """Apply trained phases to a store's subjects: detector picks the lesion hemisphere, TSS phases score it.
 
+The detector is the run's last phase of a detection task (lesion_present, or lesion_seg, scored by its largest
+lesion probability as the trainer scores it); a run without one (2d_scratch) reads the side from the store's
+stroke_side, and the output's `side_from` column says which it was.
+
 A model is read from RUN/<variant>/fold-<k>/<phase>/weights.pt ({"model", "init_args", "state_dict"}),
 its task from the phase's predictions.csv and its decision threshold from metrics.json (the validation
 split's Youden threshold). Without --fold the folds form an ensemble: probabilities and thresholds are
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +32,7 @@ from stroke_tss.data import StoreDataset
 from stroke_tss.errors import UserError
 from stroke_tss.models import build_model
 from stroke_tss.report.collect import store_path
-from stroke_tss.tasks import DETECTION_TASK, ONSET_TASKS, SIDES, Sample
+from stroke_tss.tasks import ONSET_TASKS, SIDES, Sample, detection_tasks, get_task
 from stroke_tss.weights import load_weights
 
 
@@ -119,9 +124,11 @@ def find_phases(run: str | Path, *, variant: str | None = None, fold: int | None
     return phases
 
 
-def pick_phase(phases: list[Phase], *, task: str, phase: str | None = None) -> list[Phase]:
-    """The folds of the phase predicting `task`: the named phase, else the last such phase (the fine-tuned one)."""
-    matching = [p for p in phases if p.task == task and (phase is None or p.phase == phase)]
+def pick_phase(phases: list[Phase], *, task: str | Collection[str], phase: str | None = None) -> list[Phase]:
+    """The folds of the phase predicting `task` (or one of several): the named phase, else the last such phase
+    in schedule order (the fine-tuned one)."""
+    tasks = {task} if isinstance(task, str) else set(task)
+    matching = [p for p in phases if p.task in tasks and (phase is None or p.phase == phase)]
     if not matching:
         return []
     chosen = phase or phase_order(matching)[-1]
@@ -142,37 +149,49 @@ def hemisphere_input(store, sid: str, side: str, *, channels=None, intensity: st
 
 
 @torch.no_grad()
-def _probabilities(models: list[nn.Module], x: torch.Tensor) -> float:
-    return float(np.mean([torch.sigmoid(m(x)).item() for m in models]))
+def _score(model: nn.Module, x: torch.Tensor, *, mask: bool) -> float:
+    """One hemisphere's probability as the trainer wrote it to predictions.csv: the logit's sigmoid, or for a
+    segmentation task the largest lesion probability of its map (stroke_tss.train.predict)."""
+    logit = model(x, with_lesion=True)[1].float().amax() if mask else model(x)
+    return torch.sigmoid(logit.float()).item()
+
+
+def _probabilities(models: list[nn.Module], x: torch.Tensor, *, task: str) -> float:
+    mask = get_task(task).target == "mask"
+    return float(np.mean([_score(m, x, mask=mask) for m in models]))
 
 
 def predict_store(run: str | Path, store, *, variant: str | None = None, fold: int | None = None,
                   subjects: list[str] | None = None) -> pd.DataFrame:
-    """Per subject: detector's per-hemisphere probability and pick, TSS probabilities and decisions."""
+    """Per subject: detector's per-hemisphere probability and pick (or the store's stroke_side without a
+    detector; `side_from` says which), TSS probabilities and decisions."""
     phases = find_phases(run, variant=variant, fold=fold)
-    detect = pick_phase(phases, task=DETECTION_TASK)
+    detect = pick_phase(phases, task=detection_tasks())
     tss = {t: pick_phase(phases, task=t) for t in ONSET_TASKS}
     tss = {t: p for t, p in tss.items() if p}
     if not tss and not detect:
-        raise UserError(f"{run}: no phase predicts {DETECTION_TASK} or {', '.join(ONSET_TASKS)}")
-    groups = {DETECTION_TASK: detect, **tss}
+        raise UserError(f"{run}: no phase predicts {' or '.join(detection_tasks())} or {', '.join(ONSET_TASKS)}")
+    subjects = list(subjects or store.subject_ids)
+    known = {} if detect else _known_sides(store, subjects, run=run)
+    groups = {"detect": detect, **tss}
     models = {key: [load_model(p.path / "weights.pt") for p in ps] for key, ps in groups.items() if ps}
     rows = []
-    for sid in subjects or store.subject_ids:
-        def x(task, side, sid=sid):
-            spec = groups[task][0]  # the folds of one phase share channels and scaling
+    for sid in subjects:
+        def x(key, side, sid=sid):
+            spec = groups[key][0]  # the folds of one phase share task, channels and scaling
             return hemisphere_input(store, sid, side, channels=spec.channels, intensity=spec.intensity)
 
         row: dict = {"subject_id": sid}
         if detect:
-            scores = {side: _probabilities(models[DETECTION_TASK], x(DETECTION_TASK, side)) for side in SIDES}
+            scores = {side: _probabilities(models["detect"], x("detect", side), task=detect[0].task)
+                      for side in SIDES}
             row.update({f"lesion_{side}": scores[side] for side in SIDES})
-            side = max(SIDES, key=scores.get)
-        else:  # no detector in the run: fall back to the table's side, else left
-            side = _known_side(store, sid)
+            side, row["side_from"] = max(SIDES, key=scores.get), f"detector {detect[0].phase}"
+        else:
+            side, row["side_from"] = known[sid], "stroke_side"
         row["hemisphere"] = side
         for task, ps in tss.items():
-            p = _probabilities(models[task], x(task, side))
+            p = _probabilities(models[task], x(task, side), task=task)
             threshold = float(np.mean([ph.threshold for ph in ps]))
             row.update({f"p_{task}": p, f"{task}": int(p >= threshold), f"threshold_{task}": threshold})
         row["phases"] = ";".join(sorted({f"{p.phase}" for ps in (detect, *tss.values()) for p in ps}))
@@ -181,10 +200,19 @@ def predict_store(run: str | Path, store, *, variant: str | None = None, fold: i
     return pd.DataFrame(rows)
 
 
-def _known_side(store, sid: str) -> str:
+def _known_sides(store, subjects: list[str], *, run) -> dict[str, str]:
+    """Each subject's lesion side from the store's stroke_side, for a run without a detection phase; one
+    error naming the subjects whose side is not left or right (no guessing: onset is read on that half)."""
     table = store.table.set_index("subject_id")
-    side = str(table.loc[sid].get("stroke_side", "left")) if sid in table.index else "left"
-    return side if side in SIDES else "left"
+    column = table["stroke_side"] if "stroke_side" in table.columns else pd.Series(dtype=object)
+    sides = {sid: str(column.get(sid)) for sid in subjects}
+    unknown = [sid for sid, side in sides.items() if side not in SIDES]
+    if unknown:
+        raise UserError(f"{run}: no detection phase ({' or '.join(detection_tasks())}) to find the lesion "
+                        f"hemisphere, and {len(unknown)} subject(s) have no stroke_side left or right "
+                        f"({', '.join(f'{s}: {sides[s]}' for s in unknown[:5])}); give stroke_side in the "
+                        "manifest, leave them out with --subjects, or predict with a variant that has one")
+    return sides
 
 
 def _check_normalisable(trained: Path, config: PrepConfig, rows, manifest: Path) -> None:

@@ -173,6 +173,14 @@ def subject_strata(table: pd.DataFrame, task: str) -> list[str]:
 
 
 DETECTION_TASK = "lesion_present"
-"""What `predict` picks the lesion hemisphere with."""
+"""The paper's detection task (phase 1)."""
+
+
+def detection_tasks() -> list[str]:
+    """Tasks whose label is lesion presence per hemisphere: lesion_present, and any task scored like it
+    (lesion_seg). The demo's detection gate and `predict`'s choice of the lesion hemisphere take any of them."""
+    return [t.name for t in TASKS.values() if t.column is None and t.samples == "hemispheres"]
+
+
 ONSET_TASKS = tuple(sorted(tasks_with_column("onset_to_mri_min"), key=lambda name: -TASKS[name].cutoff))
 """Onset tasks, the paper's headline (< 4.5 h) first."""

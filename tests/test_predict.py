@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from data_prep.store import open_store
@@ -209,3 +210,52 @@ def test_predict_refuses_unmasked_subjects_for_a_store_normalised_with_lesion_ma
     with pytest.raises(UserError, match=r"lesion mask.*sub-001.*normalize_on: robust"):
         prep_like_training(run, manifest)
     assert not (run / "predict").exists()
+
+
+@pytest.fixture(scope="module")
+def seg_store(tmp_path_factory):
+    """tests.test_data's store: sides cycle left, right, none, bilateral over 16 subjects."""
+    from tests.test_data import make_store
+
+    return open_store(make_store(tmp_path_factory.mktemp("segpredict") / "store.zarr", num_subjects=16))
+
+
+def test_predict_picks_the_side_with_a_segmentation_phase_as_the_trainer_scores_it(seg_store, tmp_path):
+    """A run whose only detection phase segments (2d_seg's lesion phase, task lesion_seg): predict takes it as
+    the detector and scores each hemisphere by its largest lesion probability, exactly the probability the
+    trainer wrote to predictions.csv (so metrics.json's threshold applies to it)."""
+    from stroke_tss.config.training import EngineSection, OptimizerSection, StoppingSection, TrainSection
+    from stroke_tss.data import StoreDataset
+    from stroke_tss.models import build_model
+    from stroke_tss.tasks import task_samples
+    from stroke_tss.train import train_phase as train_one
+
+    ids = seg_store.subject_ids
+    parts = {"train": ids[:10], "val": ids[10:13], "test": ids[13:]}
+    datasets = {k: StoreDataset(seg_store, task_samples(seg_store.table, "lesion_seg", v)[0]) for k, v in parts.items()}
+    torch.manual_seed(0)
+    model = build_model("slicewise2d", num_slices=8, base_channels=4, seg_head=True, pool="lesion", attention=False)
+    out = tmp_path / "run" / "2d_seg" / "fold-0" / "lesion"
+    train_one(model, datasets, out, task="lesion_seg", engine=EngineSection(kind="local"),
+              train=TrainSection(batch_size=4, eval_batch_size=8, threads=1),
+              optimizer=OptimizerSection(name="adam", lr=1e-2),
+              stopping=StoppingSection(max_epochs=1, min_epochs=1, patience=1, restore_best=False))
+    table = predict_store(tmp_path / "run", seg_store).set_index("subject_id")
+    assert (table["side_from"] == "detector lesion").all() and set(table["phases"]) == {"lesion"}
+    written = pd.read_csv(out / "predictions.csv")
+    assert len(written) == 12
+    for row in written.itertuples():
+        assert table.loc[row.subject_id, f"lesion_{row.hemisphere}"] == pytest.approx(row.probability, abs=1e-5)
+
+
+def test_predict_without_a_detector_reads_the_stores_side_and_refuses_an_unknown_one(seg_store, tmp_path):
+    """A run with onset phases only (2d_scratch): the hemisphere is the store's stroke_side, said in
+    side_from; a subject whose side is none or bilateral is one error naming it, never a guess of left."""
+    run = tmp_path / "run"
+    train_phase(seg_store, run / "2d_scratch" / "fold-0" / "tss4h5", task="tss_lt_4h5", steps=1)
+    table = predict_store(run, seg_store, subjects=["sub-00", "sub-01", "sub-05"])
+    assert table["hemisphere"].tolist() == ["left", "right", "right"]
+    assert (table["side_from"] == "stroke_side").all() and "lesion_left" not in table
+    with pytest.raises(UserError, match=r"no detection phase \(lesion_present or lesion_seg\).*2 subject\(s\) "
+                                        r"have no stroke_side left or right \(sub-02: none, sub-03: bilateral\)"):
+        predict_store(run, seg_store, subjects=["sub-00", "sub-02", "sub-03"])

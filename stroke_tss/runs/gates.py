@@ -26,7 +26,7 @@ from stroke_tss import metrics
 from stroke_tss.errors import UserError
 from stroke_tss.report.collect import collect_predictions
 from stroke_tss.report.tables import delong_table, phase_3_to_4, pooled_test, table2
-from stroke_tss.tasks import TASKS
+from stroke_tss.tasks import detection_tasks
 
 DETECTION_TARGET = 0.90
 LARGE_LESION_ML = 0.5
@@ -46,11 +46,6 @@ class Gate:
     detail: str = ""
     figures: dict = field(default_factory=dict)
     """Every number behind the gate, for `combine_seeds` and demo.json."""
-
-
-def detection_tasks() -> list[str]:
-    """Tasks whose label is lesion presence per hemisphere (lesion_present, and any task scored like it)."""
-    return [t.name for t in TASKS.values() if t.column is None and t.samples == "hemispheres"]
 
 
 def _best(hemi: pd.DataFrame, *tasks: str) -> pd.Series | None:
