@@ -111,7 +111,8 @@ def attention_map(model: nn.Module, x: torch.Tensor, *, key: str | None = None) 
         raise UserError(f"model {getattr(model, 'model_name', '?')} has no attention maps")
     model.eval()
     _, maps = model.forward_with_maps(x)
-    maps = {k: v for k, v in maps.items() if k != "slice_logits"}
+    # the other maps are no attention: per-slice logits, and the segmentation head's lesion logits
+    maps = {k: v for k, v in maps.items() if k not in ("slice_logits", "lesion")}
     if not maps:
         raise UserError("this phase ran without its attention gates (phases.NAME.attention: false); "
                         "use --method gradcam, or --phase of a phase trained with them")

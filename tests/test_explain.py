@@ -98,7 +98,19 @@ def test_gradcam_overlap_after_a_few_steps_on_a_real_store(tmp_path):
     assert mpimg.imread(result["png"]).ndim == 3 and result["overlap"]["chance"] == pytest.approx(0.05, abs=0.01)
 
 
-def test_attention_map_of_a_phase_trained_without_gates_says_what_to_use_instead():
-    model = build_model("slicewise2d", num_slices=5, in_channels=3, base_channels=8, attention=False)
+@pytest.mark.parametrize("seg_head", [False, True])
+def test_attention_map_of_a_phase_trained_without_gates_says_what_to_use_instead(seg_head):
+    """The segmentation head's lesion map (2d_seg) is no attention map: without gates it is still the error."""
+    model = build_model("slicewise2d", num_slices=5, in_channels=3, base_channels=8, attention=False,
+                        seg_head=seg_head)
     with pytest.raises(UserError, match="ran without its attention gates.*--method gradcam"):
         explain.attention_map(model, torch.randn(1, 3, 5, 40, 32))
+
+
+def test_attention_map_of_a_gated_seg_head_model_is_the_gates():
+    torch.manual_seed(0)
+    model = build_model("slicewise2d", num_slices=5, in_channels=3, base_channels=8, seg_head=True).eval()
+    x = torch.randn(1, 3, 5, 40, 32)
+    gates = model.forward_with_maps(x)[1]["attention"]
+    expected = explain._resize(gates[0][:, None], (40, 32))
+    np.testing.assert_allclose(explain.attention_map(model, x), expected, rtol=1e-6)
