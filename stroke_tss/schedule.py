@@ -105,10 +105,13 @@ def phase_model(cfg: Config, phase: PhaseSection, store: Store, *, phase_dirs: d
                                                                                          earlier.attention)
     if opens:  # the gates join now: their head weights start at zero (models/gates.py says why)
         open_gates(model)
+    # a segmentation head learns only from a mask task's loss (onset's lesion pooling reads its map detached):
+    # held fixed elsewhere, so no optimiser or DDP bucket waits for a gradient that never comes
+    held = [] if get_task(phase.task).target == "mask" else ["seg_head"]
     if phase.train_only is not None:
-        train_only(model, phase.train_only)
+        train_only(model, [g for g in phase.train_only if g not in held])
     else:
-        freeze(model, phase.freeze if frozen is None else frozen)
+        freeze(model, [*(phase.freeze if frozen is None else frozen), *held])
     if opens and not model.classifier.weight.requires_grad:
         raise UserError(f"{where}: turns the attention gates on after phase {phase.init} ran without them, but "
                         "holds the head fixed, so the gates could never learn; add head to its train_only")

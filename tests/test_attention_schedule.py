@@ -124,3 +124,26 @@ def test_attention_false_on_a_model_without_gates_is_one_clear_line(tmp_path):
     phase = next(iter(cfg.phases.values())).model_copy(update={"attention": False, "init": "random"})
     with pytest.raises(UserError, match="has no attention gates to switch off"):
         phase_model(cfg, phase, open_store(store), phase_dirs={}, run_dir=tmp_path / "run", fold=0)
+
+
+def test_a_seg_head_trains_only_in_a_mask_phase(tmp_path):
+    """A model with a segmentation head under avg/max pooling: the head gets a gradient only from a mask task's
+    loss, so every other phase holds it fixed (else DDP with find_unused_parameters=False waits for it),
+    whether the phase names freeze groups or train_only ones, while a lesion_seg phase trains it."""
+    from data_prep.store import open_store
+    from tests.test_data import make_store
+
+    store = open_store(make_store(tmp_path / "store.zarr", num_subjects=8))
+    cfg = resolve_variant(load_config("configs/demo.yaml", [f"data.store={store.path}", f"run.dir={tmp_path / 'run'}",
+                                                           "model.options.seg_head=true"]), "2d")
+    random = {"init": "random", "reinit": []}
+    phases = {"tss3h": cfg.phases["tss3h"].model_copy(update=random),
+              "attention": cfg.phases["attention"].model_copy(update={**random, "train_only": [
+                  "attention", "slice_weights", "head", "seg_head"]}),
+              "seg": cfg.phases["lesion"].model_copy(update={"task": "lesion_seg"})}
+    trains = {}
+    for name, phase in phases.items():
+        model = phase_model(cfg, phase, store, phase_dirs={}, run_dir=tmp_path / "run", fold=0)
+        assert model.init_args["pool"] == "max" and model.classifier.weight.requires_grad
+        trains[name] = {p.requires_grad for p in model.seg_head.parameters()}
+    assert trains == {"tss3h": {False}, "attention": {False}, "seg": {True}}
