@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import zarr
 from sklearn.linear_model import LogisticRegression
 
 from stroke_tss.report.ceiling import run_ceilings, task_ceiling
@@ -99,3 +100,27 @@ def test_a_store_without_lesion_masks_has_no_ceiling(tmp_path):
     fake_run(run, bare.path, num_folds=2, phases={"2d": {"tss4h5": "tss_lt_4h5"}})
     for task, entry in run_ceilings(run).items():
         assert entry == {"ceiling": None, "reason": f"store {bare.path} has no lesion masks"}, task
+
+
+def test_a_damaged_store_or_unknown_channel_gives_no_ceiling_with_the_reason(tmp_path, caplog):
+    """Summary, collect and report compute the ceiling after all the training: a missing chunk or a channel
+    the store lacks must become None with the reason and a warning, never an exception that loses the run's
+    tables."""
+    from data_prep.store import chunk_files
+    from stroke_tss.tasks import task_samples
+
+    store = onset_store(tmp_path / "store.zarr", num_subjects=12)
+    run = tmp_path / "run"
+    run.mkdir()
+    fake_run(run, store.path, num_folds=2, phases={"2d": {"tss4h5": "tss_lt_4h5"}}, channels=["dwi", "nope"])
+    for task, entry in run_ceilings(run).items():
+        assert entry["ceiling"] is None and "channels ['nope'] not in its channels" in entry["reason"], task
+    assert "no tss_lt_4h5 ceiling: store" in caplog.text
+
+    fake_run(run, store.path, num_folds=2, phases={}, channels=["dwi", "flair"])
+    sid = task_samples(store.table, "tss_lt_4h5")[0][0].subject_id
+    row = int(store.table.set_index("subject_id").at[sid, "index"])
+    chunk_files(store.path, zarr.open_group(store.path, mode="r")["volumes"], row)[0].unlink()
+    for task, entry in run_ceilings(run).items():
+        assert entry["ceiling"] is None and "chunk file(s) missing" in entry["reason"], (task, entry)
+        assert sid in entry["reason"]

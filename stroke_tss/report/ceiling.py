@@ -20,6 +20,7 @@ result says why instead.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,6 +38,8 @@ from stroke_tss.tasks import ONSET_TASKS, task_samples
 
 PARTS = ("flair", "b0", "flair_b0", "logistic")
 B0_NAMES = ("b0", "t2")
+
+log = logging.getLogger(__name__)
 
 
 def no_ceiling(reason: str) -> dict:
@@ -134,7 +137,10 @@ def task_ceiling(store: Store, splits: dict, task: str, *, channels: Sequence[st
 def run_ceilings(run_dir: str | Path, *, folds: Sequence[int] | None = None, store: str | Path | None = None,
                  tasks: Sequence[str] = ONSET_TASKS) -> dict[str, dict]:
     """The ceiling of each onset task on a run folder's store (`store`, else config.yaml's data.store), input
-    channels (data.channels) and splits (splits.json); a missing piece gives each task None with the reason."""
+    channels (data.channels) and splits (splits.json); a missing piece gives each task None with the reason.
+
+    Never raises for the store's or the run's contents: summary, collect and report call it after all the
+    training, and a ceiling that cannot be computed must not cost them the networks' results."""
     run_dir = Path(run_dir)
     path = Path(store) if store is not None else store_path([run_dir])
     if path is None:
@@ -148,7 +154,17 @@ def run_ceilings(run_dir: str | Path, *, folds: Sequence[int] | None = None, sto
         return {t: no_ceiling(f"store unreadable: {exc}") for t in tasks}
     splits = read_splits(run_dir / "splits.json")
     channels = (run_config(run_dir).get("data") or {}).get("channels")
-    return {t: task_ceiling(opened, splits, t, channels=channels, folds=folds) for t in tasks}
+    return {t: _guarded_ceiling(opened, splits, t, channels=channels, folds=folds) for t in tasks}
+
+
+def _guarded_ceiling(store: Store, splits: dict, task: str, **options) -> dict:
+    """task_ceiling, with a damaged chunk, a split subject missing from the store or an unknown channel turned
+    into None and the reason (logged as a warning)."""
+    try:
+        return task_ceiling(store, splits, task, **options)
+    except (StoreError, UserError) as exc:
+        log.warning("no %s ceiling: %s", task, exc)
+        return no_ceiling(str(exc))
 
 
 def format_ceiling(entry: dict) -> str:
