@@ -79,6 +79,29 @@ def test_ensemble_probability_is_the_members_mean_per_sample_in_any_row_order():
         mean_predictions({"a": a, "b": b.iloc[1:]})
 
 
+def test_an_ensemble_skips_a_phase_whose_members_predict_different_tasks(tmp_path, caplog):
+    """2d's and 2d_seg's lesion phases share the name but not the task (lesion_present, lesion_seg on the
+    masked subjects only): the ensemble leaves that phase out, says so, and still averages the shared ones."""
+    import logging
+
+    from stroke_tss.runs.ensemble import write_ensemble
+
+    def write(variant: str, phase: str, frame: pd.DataFrame) -> None:
+        folder = tmp_path / variant / "fold-0" / phase
+        folder.mkdir(parents=True)
+        frame.assign(hemisphere="left").to_csv(folder / "predictions.csv", index=False)
+
+    write("2d", "lesion", _member(1, list(range(6))).assign(task="lesion_present"))
+    write("2d_seg", "lesion", _member(2, list(range(1, 6))).assign(task="lesion_seg"))
+    write("2d", "tss4h5", _member(3, list(range(6))).assign(task="tss_lt_4h5"))
+    write("2d_seg", "tss4h5", _member(4, list(range(6))).assign(task="tss_lt_4h5"))
+    with caplog.at_level(logging.INFO, logger="stroke_tss.runs.ensemble"):
+        written = write_ensemble(tmp_path, "both", ["2d", "2d_seg"])
+    assert written == [tmp_path / "both" / "fold-0" / "tss4h5"]
+    assert ("ensemble both: fold-0/lesion skipped: its members predict different tasks "
+            "(2d: lesion_present; 2d_seg: lesion_seg)") in caplog.text
+
+
 @pytest.mark.integration
 def test_outcome_cv_writes_the_ensemble_and_the_report_shows_it_with_the_baseline(tiny_store, tmp_path):
     run = tmp_path / "run"

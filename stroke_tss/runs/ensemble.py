@@ -47,7 +47,8 @@ def mean_predictions(members: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 
 def write_ensemble(run_dir: Path, name: str, members: list[str]) -> list[Path]:
-    """RUN/<name>/fold-<k>/<phase>/ for every fold and phase all members finished; returns the folders."""
+    """RUN/<name>/fold-<k>/<phase>/ for every fold and phase all members finished with the same task (a phase
+    name the members share for different tasks is skipped with a log line); returns the folders."""
     run_dir = Path(run_dir)
     written = []
     folds = sorted({p.name for m in members for p in (run_dir / m).glob("fold-*") if p.is_dir()})
@@ -59,7 +60,13 @@ def write_ensemble(run_dir: Path, name: str, members: list[str]) -> list[Path]:
             if missing:
                 log.info("ensemble %s: %s/%s waits for %s", name, fold, phase, ", ".join(missing))
                 continue
-            pred = mean_predictions({m: read_predictions(p) for m, p in paths.items()})
+            frames = {m: read_predictions(p) for m, p in paths.items()}
+            tasks = {m: ",".join(sorted(set(f["task"].astype(str)))) for m, f in frames.items()}
+            if len(set(tasks.values())) > 1:  # e.g. 2d's lesion phase (lesion_present) and 2d_seg's (lesion_seg)
+                log.info("ensemble %s: %s/%s skipped: its members predict different tasks (%s)", name, fold, phase,
+                         "; ".join(f"{m}: {t}" for m, t in tasks.items()))
+                continue
+            pred = mean_predictions(frames)
             out = run_dir / name / fold / phase
             out.mkdir(parents=True, exist_ok=True)
             pred.to_csv(out / "predictions.csv", index=False)
