@@ -91,13 +91,14 @@ def _own_weights(path: Path, model_name: str) -> dict | None:
 
 
 def phase_model(cfg: Config, phase: PhaseSection, store: Store, *, phase_dirs: dict[str, Path], run_dir: Path,
-                fold: int, frozen: list[str] | None = None) -> nn.Module:
+                fold: int, frozen: list[str] | None = None, where: str | None = None) -> nn.Module:
     """The phase's model, initialised and seeded, its attention gates on or off (`phase.attention`), with
-    `frozen` (default: the phase's own groups) held fixed."""
+    `frozen` (default: the phase's own groups) held fixed. `where` names the phase in errors (run_fold: the
+    variant and the phase; default: the phase's name in `cfg.phases`)."""
     torch.manual_seed(cfg.seed)
     model = build_phase_model(cfg, store, init=phase.init, phase_dirs=phase_dirs, run_dir=run_dir, fold=fold)
     reinit(model, phase.reinit)
-    where = f"phase {phase.task} (init {phase.init})"
+    where = f"{where or _phase_name(cfg, phase)} (init {phase.init})"
     gates_on = attention_on(cfg.model.options, phase.attention)
     set_attention(model, gates_on, where=where)
     earlier = cfg.phases.get(phase.init)
@@ -116,6 +117,11 @@ def phase_model(cfg: Config, phase: PhaseSection, store: Store, *, phase_dirs: d
         raise UserError(f"{where}: turns the attention gates on after phase {phase.init} ran without them, but "
                         "holds the head fixed, so the gates could never learn; add head to its train_only")
     return model
+
+
+def _phase_name(cfg: Config, phase: PhaseSection) -> str:
+    names = [name for name, p in cfg.phases.items() if p == phase]
+    return f"phase {names[0]}" if len(names) == 1 else f"the {phase.task} phase"
 
 
 def phase_datasets(cfg: Config, phase: PhaseSection, subjects: dict[str, list[str]], store: Store, *,
@@ -155,15 +161,17 @@ def run_fold(cfg: Config, *, fold: int, variants: list[str] | None = None) -> di
         for phase_name, phase in vcfg.phases.items():
             if phase.init not in ("random", "genesis") and phase.init not in phase_dirs and phase.init in vcfg.phases:
                 raise UserError(f"phase {phase_name}: init {phase.init!r} names a phase that does not run before it")
-            datasets = phase_datasets(vcfg, phase, subjects, store, where=f"variant {name}, phase {phase_name}, fold {fold}")
+            where = f"variant {name}, phase {phase_name}"
+            datasets = phase_datasets(vcfg, phase, subjects, store, where=f"{where}, fold {fold}")
             out = fold_dir / phase_name
             if phase.freeze == "auto":
                 build = partial(phase_model, vcfg, phase, store, phase_dirs=dict(phase_dirs), run_dir=run_dir,
-                                fold=fold, frozen=[])
+                                fold=fold, frozen=[], where=where)
                 results[f"{name}/{phase_name}"] = adapt_phase(vcfg, phase, build=build, datasets=datasets,
                                                               out_dir=out, is_main=main)
             else:
-                model = phase_model(vcfg, phase, store, phase_dirs=phase_dirs, run_dir=run_dir, fold=fold)
+                model = phase_model(vcfg, phase, store, phase_dirs=phase_dirs, run_dir=run_dir, fold=fold,
+                                    where=where)
                 results[f"{name}/{phase_name}"] = train_phase(
                     model, datasets, out, task=phase.task, train=vcfg.train, engine=vcfg.engine,
                     optimizer=phase.optimizer, stopping=phase.stopping, seed=vcfg.seed)

@@ -115,7 +115,7 @@ def test_demo_schedule_trains_without_gates_then_adds_them_from_tss4h5s_predicti
         phase_model(vcfg, frozen_head, open_store(store), phase_dirs=dirs, run_dir=run, fold=0)
 
 
-def test_attention_false_on_a_model_without_gates_is_one_clear_line(tmp_path):
+def test_attention_false_on_a_model_without_gates_is_one_clear_line(tmp_path, capsys):
     from data_prep.store import open_store
     from tests.test_data import make_store
 
@@ -124,6 +124,15 @@ def test_attention_false_on_a_model_without_gates_is_one_clear_line(tmp_path):
     phase = next(iter(cfg.phases.values())).model_copy(update={"attention": False, "init": "random"})
     with pytest.raises(UserError, match="has no attention gates to switch off"):
         phase_model(cfg, phase, open_store(store), phase_dirs={}, run_dir=tmp_path / "run", fold=0)
+    # the line names the phase (not its task), and through train the variant too
+    off = load_config("configs/outcome3d.yaml", [f"data.store={store}", f"run.dir={tmp_path / 'run'}",
+                                                 "phases.outcome.attention=false"])
+    with pytest.raises(UserError, match=r"^phase outcome \(init random\): attention: false"):
+        phase_model(off, off.phases["outcome"], open_store(store), phase_dirs={}, run_dir=tmp_path / "run", fold=0)
+    assert cli_main(["train", "configs/outcome3d.yaml", "--fold", "0", "--variant", "light0", f"data.store={store}",
+                     f"run.dir={tmp_path / 'run'}", "phases.outcome.attention=false", "train.num_workers=0"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert line.startswith("stroke-tss train: error: variant light0, phase outcome (init random): attention: false")
 
 
 def test_a_seg_head_trains_only_in_a_mask_phase(tmp_path):
