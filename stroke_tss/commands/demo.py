@@ -1,4 +1,4 @@
-"""The whole method on a phantom cohort: synth -> prep -> cv (2d, 3d, 2d_scratch) -> report + Grad-CAM.
+"""The whole method on a phantom cohort: synth -> prep -> cv (2d, 3d, 2d_scratch, 2d_seg) -> report + Grad-CAM.
 
 `--gates OUT0 OUT1 ...` runs nothing: it reads the demo.json of finished demos (one per seed) and prints each
 gate per seed and over the seeds.

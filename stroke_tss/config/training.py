@@ -66,8 +66,8 @@ class AugmentSection(Section):
     noise_std: float = Field(0.0, ge=0)
     """Standard deviation of added Gaussian noise (in z-score units); 0 = off."""
     lesion_swap: float = Field(0.0, ge=0, le=1)
-    """lesion_present phases: probability that a hemisphere trades lesions with its mirror half (needs lesion
-    masks in the store; see stroke_tss.data); 0 = off."""
+    """Detection phases (lesion_present, lesion_seg): probability that a hemisphere trades lesions with its
+    mirror half (needs lesion masks in the store; see stroke_tss.data); 0 = off."""
     lesion_transplant: float = Field(0.0, ge=0, le=1)
     """Onset phases: probability that a sample's lesion is carved into another subject's healthy half, label
     kept (needs lesion masks; see stroke_tss.data); 0 = off."""

@@ -1,7 +1,7 @@
 """`stroke-tss demo`: the whole method on the embedded phantom cohort, stage by stage, each with a time budget.
 
     synth (phantom cohort, real SOOP lesion shapes when ../shared/data is there)  ->  prep (Dask LocalCluster)
-    ->  cv of configs/demo.yaml (2d, 3d after Models Genesis, 2d_scratch; 5 folds)  ->  report  ->  Grad-CAM
+    ->  cv of configs/demo.yaml (2d, 3d after Models Genesis, 2d_scratch, 2d_seg; 5 folds)  ->  report  ->  Grad-CAM
 
 Every stage resumes: the cohort is deterministic per seed and kept, prep skips finished subjects, cv skips
 finished phases. So a demo stopped half-way continues where it stopped when run again on the same --out.
