@@ -4,8 +4,8 @@ A sample is (subject, hemisphere, label). Hemisphere tasks read ``store.hemisphe
 left); ``mrs_gt_2`` reads the whole volume. Augmentation of item i in epoch e draws from a generator
 seeded by (seed, e, i), so batches do not depend on worker count and a resumed run sees the same data.
 
-Lesion swap (``augment.lesion_swap``, lesion_present only): with that probability a hemisphere trades
-lesions with its mirror image, which the store holds on the same grid. Voxels under this half's lesion mask
+Lesion swap (``augment.lesion_swap``, lesion_present and lesion_seg, whose mask moves with the lesion):
+with that probability a hemisphere trades lesions with its mirror image, which the store holds on the same grid. Voxels under this half's lesion mask
 (dilated one voxel, soft-edged) take the other half's values, and the other half's lesion is pasted in; the
 label becomes the other half's. A subject's anatomy then shows up both with and without a lesion, so the
 network cannot score anatomy; without it, the paper's networks from random initialisation memorised the
@@ -190,12 +190,6 @@ class StoreDataset(Dataset):
         if self.intensity == "unit":
             x = scale_to_unit(x)
         return x, label, (mask.astype(np.float32) if s.mask else None)
-
-    def read(self, index: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, int]:
-        """Item ``index`` (channels selected, intensity mapped) and its label; ``rng`` draws the lesion swap
-        or transplant."""
-        x, label, _ = self.read_with_mask(index, rng)
-        return x, label
 
     def __getitem__(self, index: int) -> dict:
         drawn = self.augment or self.lesion_swap or self.lesion_transplant
