@@ -26,7 +26,7 @@ class PhaseDir:
     path: Path
 
 
-def _run_names(runs: list[Path]) -> list[str]:
+def run_names(runs: list[Path]) -> list[str]:
     """Folder names, made unique with their parent when two runs share a name."""
     names = [r.name for r in runs]
     return [f"{r.parent.name}/{r.name}" if names.count(r.name) > 1 else r.name for r in runs]
@@ -36,7 +36,7 @@ def phase_dirs(runs: list[str | Path]) -> list[PhaseDir]:
     """Every RUN/<variant>/fold-<k>/<phase>/ folder, in a stable order."""
     runs = [Path(r) for r in runs]
     out = []
-    for run, name in zip(runs, _run_names(runs)):
+    for run, name in zip(runs, run_names(runs)):
         if not run.is_dir():
             raise UserError(f"run folder {run} does not exist; pass the folder `stroke-tss train` wrote")
         for variant in sorted(p for p in run.iterdir() if p.is_dir()):

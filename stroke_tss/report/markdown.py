@@ -12,9 +12,9 @@ from data_prep.store import StoreError, open_store
 from stroke_tss.report import clinical, plots
 from stroke_tss.report.ceiling import PARTS, run_ceilings
 from stroke_tss.report.collect import (
-    _run_names,
     collect_logs,
     collect_predictions,
+    run_names,
     schedule_order,
     store_path,
 )
@@ -132,7 +132,7 @@ PART_NAMES = {"flair": "-FLAIR", "b0": "-b0", "flair_b0": "-(FLAIR+b0)", "logist
 def _ceiling_section(runs: list[Path], pred: pd.DataFrame, store) -> list[str]:
     """Per run and onset task: each true-lesion readout's pooled test AUC and the best of them."""
     rows, notes = [], []
-    for run, name in zip(runs, _run_names(runs)):
+    for run, name in zip(runs, run_names(runs)):
         tested = sorted(int(k) for k in pred.loc[(pred["run"] == name) & (pred["split"] == "test"), "fold"].unique())
         for task, entry in run_ceilings(run, folds=tested, store=store).items():
             if entry["ceiling"] is None:
