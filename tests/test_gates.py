@@ -79,6 +79,29 @@ def test_onset_without_a_ceiling_misses_and_says_why(run):
     assert onset["detail"] == "no ceiling: store X has no lesion masks"
 
 
+def test_detection_takes_a_segmentation_phase_when_it_is_the_best_detector(run, tmp_path):
+    """2d_seg's lesion phase (task lesion_seg, scored by its largest lesion probability) is labelled by lesion
+    presence too: when it separates the halves better than 2d's lesion_present, the gate reports it."""
+    _, store = run
+    seg_run = tmp_path / "run"
+    # fake_run's scores sharpen with a phase's place in its variant: 2d_seg's third phase beats 2d's first
+    fake_run(seg_run, store.path, num_folds=2, phases={"2d": {"lesion": "lesion_present"},
+                                                      "2d_seg": {"tss3h": "tss_lt_3h", "tss4h5": "tss_lt_4h5",
+                                                                 "lesion": "lesion_seg"}})
+    no = {"tss_lt_4h5": {"ceiling": None, "reason": "not asked"}}
+    detection = evaluate(seg_run, table=store.table, ceilings=no, oracle={})["gates"][0]
+    test = collect_predictions([seg_run]).query("split == 'test'")
+    assert _auc(test, "2d_seg", "lesion") > _auc(test, "2d", "lesion")
+    assert detection["figures"]["model"] == "2d_seg/lesion"
+    assert detection["value"] == pytest.approx(_auc(test, "2d_seg", "lesion"), abs=1e-4)
+    seg = test[(test["variant"] == "2d_seg") & (test["phase"] == "lesion")]
+    volume = store.table.set_index("subject_id")
+    ml = np.array([volume.at[s, f"lesion_{h}_ml"] for s, h in zip(seg["subject_id"], seg["hemisphere"])])
+    large = seg[(seg["label"] == 0).to_numpy() | (ml >= 0.5)]
+    assert detection["figures"]["auc_lesions_ge_0.5ml"] == pytest.approx(
+        roc_auc_score(large["label"], large["probability"]), abs=1e-4)
+
+
 def _seed(seed: int, *, detection: float, onset: tuple[float, float], transfer: float) -> dict:
     auc, top = onset
     gates = [Gate("detection", detection, 0.9, detection >= 0.9),
