@@ -7,8 +7,8 @@ seeded by (seed, e, i), so batches do not depend on worker count and a resumed r
 Lesion swap (``augment.lesion_swap``, lesion_present and lesion_seg, whose mask moves with the lesion):
 with that probability a hemisphere trades lesions with its mirror image, which the store holds on the same
 grid. Voxels under this half's lesion mask (dilated one voxel, soft-edged) take the other half's values, and
-the other half's lesion is pasted in; the label becomes the other half's. A subject's anatomy then shows up both with and without a lesion, so the
-network cannot score anatomy; without it, the paper's networks from random initialisation memorised the
+the other half's lesion is pasted in; the label becomes the other half's. A subject's anatomy then shows up
+both with and without a lesion, so the network cannot score anatomy; without it, the paper's networks from random initialisation memorised the
 training hemispheres of a phantom cohort of 80 subjects and stayed near chance on held-out ones (the paper
 trains its 2D network on lesion detection from scratch too; ImageNet weights are one of the baselines it
 compares with). Within one subject; CarveMix
