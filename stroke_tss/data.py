@@ -4,15 +4,15 @@ A sample is (subject, hemisphere, label). Hemisphere tasks read ``store.hemisphe
 left); ``mrs_gt_2`` reads the whole volume. Augmentation of item i in epoch e draws from a generator
 seeded by (seed, e, i), so batches do not depend on worker count and a resumed run sees the same data.
 
-Lesion swap (``augment.lesion_swap``, lesion_present and lesion_seg, whose mask moves with the lesion):
-with that probability a hemisphere trades lesions with its mirror image, which the store holds on the same
-grid. Voxels under this half's lesion mask (dilated one voxel, soft-edged) take the other half's values, and
-the other half's lesion is pasted in; the label becomes the other half's. A subject's anatomy then shows up
-both with and without a lesion, so the network cannot score anatomy; without it, the paper's networks from random initialisation memorised the
-training hemispheres of a phantom cohort of 80 subjects and stayed near chance on held-out ones (the paper
-trains its 2D network on lesion detection from scratch too; ImageNet weights are one of the baselines it
-compares with). Within one subject; CarveMix
-(Zhang et al., MICCAI 2021) mixes lesions between subjects the same way.
+Lesion swap (``augment.lesion_swap``, lesion_present and lesion_seg, whose mask moves with the lesion): with
+that probability a hemisphere trades lesions with its mirror image, which the store holds on the same grid.
+Voxels under this half's lesion mask (dilated one voxel, soft-edged) take the other half's values, and the
+other half's lesion is pasted in; the label becomes the other half's. A subject's anatomy then shows up both
+with and without a lesion, so the network cannot score anatomy; without it, the paper's networks from random
+initialisation memorised the training hemispheres of a phantom cohort of 80 subjects and stayed near chance on
+held-out ones (the paper trains its 2D network on lesion detection from scratch too; ImageNet weights are one
+of the baselines it compares with). Within one subject; CarveMix (Zhang et al., MICCAI 2021) mixes lesions
+between subjects the same way.
 
 Lesion transplant (``augment.lesion_transplant``, onset tasks only): with that probability the sample's
 lesion (all channels under its soft-edged mask) is carved into the healthy half of another subject of the
