@@ -172,10 +172,6 @@ def subject_strata(table: pd.DataFrame, task: str) -> list[str]:
     return [str(labels.get(sid, "unknown")) for sid in table["subject_id"]]
 
 
-DETECTION_TASK = "lesion_present"
-"""The paper's detection task (phase 1)."""
-
-
 def detection_tasks() -> list[str]:
     """Tasks whose label is lesion presence per hemisphere: lesion_present, and any task scored like it
     (lesion_seg). The demo's detection gate and `predict`'s choice of the lesion hemisphere take any of them."""
