@@ -27,6 +27,7 @@ from stroke_tss.config.training import AdaptSection, PhaseSection, StoppingSecti
 from stroke_tss.data import StoreDataset
 from stroke_tss.errors import UserError
 from stroke_tss.models import backbone_groups, freeze
+from stroke_tss.tasks import get_task
 from stroke_tss.train import train_phase
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def run_depth(cfg: Config, phase: PhaseSection, *, depth: int, build: ModelFacto
     depths = depth_groups(model)
     if not 0 <= depth < len(depths):
         raise UserError(f"depth {depth} is outside 0..{len(depths) - 1} for {cfg.model.name}")
-    freeze(model, depths[depth])
+    freeze(model, [*depths[depth], *get_task(phase.task).idle_groups])
     train_phase(model, {"train": datasets["train"], "val": datasets["val"]}, depth_dir(out_dir, depth),
                 task=phase.task, train=cfg.train, engine=cfg.engine, optimizer=phase.optimizer,
                 stopping=_search_stopping(phase.adapt), seed=cfg.seed)
@@ -140,7 +141,7 @@ def train_at_depth(cfg: Config, phase: PhaseSection, *, depth: int, build: Model
                    datasets: dict[str, StoreDataset], out_dir: Path) -> dict:
     """Full training of the phase (its own stopping) with `depth`'s groups frozen; returns its metrics."""
     model = build()
-    freeze(model, depth_groups(model)[depth])
+    freeze(model, [*depth_groups(model)[depth], *get_task(phase.task).idle_groups])
     return train_phase(model, datasets, out_dir, task=phase.task, train=cfg.train, engine=cfg.engine,
                        optimizer=phase.optimizer, stopping=phase.stopping, seed=cfg.seed)
 

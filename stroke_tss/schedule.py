@@ -108,7 +108,7 @@ def phase_model(cfg: Config, phase: PhaseSection, store: Store, *, phase_dirs: d
         open_gates(model)
     # a segmentation head learns only from a mask task's loss (onset's lesion pooling reads its map detached):
     # held fixed elsewhere, so no optimiser or DDP bucket waits for a gradient that never comes
-    held = [] if get_task(phase.task).target == "mask" else ["seg_head"]
+    held = get_task(phase.task).idle_groups
     if phase.train_only is not None:
         train_only(model, [g for g in phase.train_only if g not in held])
     else:

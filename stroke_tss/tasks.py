@@ -48,6 +48,12 @@ class Task:
     lesion mask; the loss adds BCE + soft Dice on the model's lesion map, and a sample's score is its largest
     predicted lesion probability (stroke_tss.train)."""
 
+    @property
+    def idle_groups(self) -> list[str]:
+        """Parameter groups this task's loss never reaches, so a phase holds them fixed (no optimiser state, no
+        DDP bucket waiting for a gradient): a segmentation head learns only from a mask task."""
+        return [] if self.target == "mask" else ["seg_head"]
+
     def rule(self, values: pd.Series) -> pd.Series:
         """0/1 labels of clinical ``values`` (numbers; NaN stays NaN)."""
         label = values < self.cutoff if self.positive_below else values > self.cutoff

@@ -100,3 +100,9 @@ def test_subject_scores_follow_the_registry():
     # a: max 0.9 vs mean 0.5 against b: max 0.3 vs mean 0.25; both rank a first, but the brier scores differ
     assert lesion["brier"] == pytest.approx(((0.9 - 1) ** 2 + 0.3 ** 2) / 2)
     assert onset["brier"] == pytest.approx(((0.5 - 1) ** 2 + 0.25 ** 2) / 2)
+
+
+def test_only_a_mask_task_trains_the_segmentation_head():
+    assert get_task("lesion_seg").idle_groups == []
+    for name in ("lesion_present", "tss_lt_3h", "tss_lt_4h5", "mrs_gt_2"):
+        assert get_task(name).idle_groups == ["seg_head"], name
