@@ -20,18 +20,21 @@ import pytest
 
 from stroke_tss.config import load_config
 from stroke_tss.schedule import resolve_variant
+from stroke_tss.tasks import detection_tasks
 
 REPO = Path(__file__).resolve().parents[1]
 # One epoch everywhere but the 2D lesion phase. Measured with the held-out pooled lesion_present AUC of 2d
 # (chance's 95% range at these sizes about 0.40-0.60): at 20 subjects it stays at chance whatever the epochs
 # (seeds 0-2: 0.44-0.68 with 1-24 epochs); at 40 subjects, 12 epochs, 0.54-0.71; at 60 subjects, 12 epochs
-# (this test), 0.687, 0.652 and 0.591 for seeds 0, 1 and 2; 24 epochs learnt no more. Training is
-# deterministic on CPU, so the test's seed 0 gives its 0.687 every time; seed 2 shows how weak learning
-# still is at this size (the demo's 100 subjects, 5 folds and 24 epochs reach 0.80-0.84).
+# (this test), 0.687, 0.652 and 0.591 for seeds 0, 1 and 2; 24 epochs learnt no more. Since prep normalises
+# without the lesion mask, the phantom renders 4-6 mm FLAIR and phases 1-3 run without attention gates, seed 0
+# gives 0.629 (2d_seg's segmentation phase 0.516, 3d's one epoch 0.511). Training is deterministic on CPU, so
+# the test's seed 0 gives its 0.629 every time; this size shows how weak learning still is (the demo's 100
+# subjects and 5 folds reach more: README).
 ONE_EPOCH = [f"{at}.stopping.{key}=1" for at in ("train", "variants.3d.phases.lesion") for key in ("max_epochs", "min_epochs")]
 SMALL = ["--subjects", "60", "cv.folds=2", *ONE_EPOCH, "phases.lesion.stopping.max_epochs=12",
          "phases.lesion.stopping.min_epochs=12", "genesis.epochs=1", "genesis.crops_per_subject=1"]
-LEARNS_DETECTION = 0.6  # above chance's 95% range (120 hemispheres); seed 0 measured 0.687
+LEARNS_DETECTION = 0.6  # above chance's 95% range (120 hemispheres); seed 0 measured 0.629
 
 
 def _demo(out: Path) -> subprocess.CompletedProcess:
@@ -72,15 +75,18 @@ def test_demo_runs_every_stage_learns_detection_reports_and_resumes(tmp_path):
     # the 2D detector learnt to find lesions in held-out subjects, and the gate reports the best detector
     detection = rows["2d/lesion"]["hemisphere"]
     assert detection["n"] == 120 and detection["auc"] >= LEARNS_DETECTION, detection
-    best = max(e["hemisphere"]["auc"] for e in rows.values() if e["task"] == "lesion_present")
+    best = max(e["hemisphere"]["auc"] for e in rows.values() if e["task"] in detection_tasks())
     assert gates["detection"]["value"] == pytest.approx(best, abs=1e-3)
     assert {(e["variant"], e["phase"]) for e in rows.values()} == scheduled_phases(out)
-    assert sorted((out / "run" / "genesis").glob("**/weights.pt"))
+    # Models Genesis per fold, on that fold's non-test subjects
+    assert sorted(p.parent.name for p in (out / "run" / "genesis").glob("fold-*/weights.pt")) == ["fold-0", "fold-1"]
     report = (out / "run" / "report.md").read_text()
     assert "2d_scratch" in report and "DeLong" in report and "Onset ceiling" in report
     assert mpimg.imread(out / "run" / "roc_tss_lt_4h5.png").ndim == 3
     assert mpimg.imread(result["gradcam"]["png"]).ndim == 3
-    assert result["gradcam"]["overlap"]["lesion_share_of_brain"] > 0
+    # the held-out detector's Grad-CAM points at the lesion: its top 5% of the brain holds the lesion at more than
+    # twice chance (seed 0 measured 4.1x; a map blind to the lesion sits near 1x)
+    assert result["gradcam"]["overlap"]["lesion_share_of_brain"] > 0 and result["gradcam"]["overlap"]["ratio"] > 2
 
     weights = sorted((out / "run").glob("*/fold-*/*/weights.pt"))
     stamps = [w.stat().st_mtime_ns for w in weights]

@@ -147,18 +147,14 @@ def test_phantom_trained_run_on_the_isles_case(isles, tiny_store, tmp_path, caps
     train = open_store(tiny_store)
     run = tmp_path / "run"
     phases = {"1_detect": ("lesion_present", 30), "2_tss3h": ("tss_lt_3h", 3), "3_tss4h5": ("tss_lt_4h5", 3)}
-    models = {name: train_phase(train, run / "phantom" / "fold-0" / name, task=task, steps=steps)
-              for name, (task, steps) in phases.items()}
+    for name, (task, steps) in phases.items():
+        train_phase(train, run / "phantom" / "fold-0" / name, task=task, steps=steps)
     (run / "config.yaml").write_text(yaml.safe_dump({"data": {"store": str(tiny_store)}}))
 
-    # Grad-CAM of the phantom detector on its own store points at the lesions: its top 5% of the brain holds at
-    # least twice the share of the lesion that chance would on most lesion hemispheres (measured 6 of 9; a map
-    # blind to the lesion sits near 1x chance)
-    hits = []
-    for sid in train.subject_ids:
-        heat = explain.subject_map(models["1_detect"], train, sid)
-        hits += [s["ratio"] >= 2 for s in explain.hemisphere_scores(heat, train.lesion(sid), train.brain(sid)).values()]
-    assert 2 * sum(hits) > len(hits), hits
+    # (This test once also required the detector's Grad-CAM to point at the lesions of its own 8-subject store on
+    # most lesion hemispheres. Since prep normalises without the lesion mask, a detector of 30-120 steps there
+    # localises on 0-4 of 9 (seeds 0, 1): too few subjects to learn where lesions are. Grad-CAM's localisation
+    # is checked where a detector learns: the demo test, on held-out subjects.)
 
     manifest = tmp_path / "isles.csv"
     assert cli_main(["scan", str(isles), "-o", str(manifest)]) == 0
@@ -182,8 +178,7 @@ def test_phantom_trained_run_on_the_isles_case(isles, tiny_store, tmp_path, caps
     # expected to find a real lesion (it has picked the wrong side, with Grad-CAM off the lesion)
     capsys.readouterr()
     with capsys.disabled():
-        print(f"\nphantom store: Grad-CAM overlap >= 2x chance on {sum(hits)} of {len(hits)} lesion hemispheres; "
-              f"ISLES case (lesion LEFT): detector picks {row['hemisphere']} (left {row['lesion_left']:.3f}, "
+        print(f"\nISLES case (lesion LEFT): detector picks {row['hemisphere']} (left {row['lesion_left']:.3f}, "
               f"right {row['lesion_right']:.3f}), p(TSS<4.5h) {row['p_tss_lt_4h5']:.3f}, "
               f"p(TSS<3h) {row['p_tss_lt_3h']:.3f}, Grad-CAM lesion overlap {result['overlap']['ratio']:.1f}x chance")
 
