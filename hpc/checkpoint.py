@@ -231,7 +231,7 @@ class Checkpoints:
             digests = {f.relative_to(path).as_posix(): file_digest(f) for f in files}
             (path / _DIGESTS).write_text(json.dumps({"sha256": digests}, indent=1))
             (path / _DONE).write_text(json.dumps({"world_size": engine.world_size, "engine": engine.kind}))
-            (self.folder / _LATEST).write_text(tag)
+            _atomic_write(self.folder / _LATEST, tag)  # a reader never sees it half-written
             self._prune(keep_also=tag)
         engine.barrier()
         return path
