@@ -126,8 +126,11 @@ def test_a_preempted_train_exits_with_hpcs_code_and_says_to_run_it_again(store, 
 def test_ctrl_c_exits_130_with_one_line_and_keeps_the_checkpoints(store, tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # as a terminal's foreground job: SIGINT at its default, whatever this process inherited (a runner started
+    # in the background by a non-interactive shell ignores it, and an ignored signal stays ignored across exec)
     proc = subprocess.Popen(_train_cmd(store, run, "train.stopping.max_epochs=1000", "train.stopping.patience=1000"),
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         ckpt = run / "2d/fold-0/lesion/ckpt"
         deadline = time.monotonic() + 240
