@@ -14,8 +14,9 @@ hemispheres:
 
 The ceiling is the best of the four, each part reported beside it: with some 65 training subjects a fitted
 readout can score below one unfitted feature, and the ceiling must not be the weaker. The intensities are the
-store's normalised channels, the ones the networks read. A store without lesion masks has no ceiling: the
-result says why instead.
+store's normalised channels, as the 2D networks read them (a variant with `train.intensity: unit`, such as the
+3D one, reads each hemisphere rescaled to [0, 1]). A store without lesion masks has no ceiling: the result says
+why instead.
 """
 
 from __future__ import annotations
