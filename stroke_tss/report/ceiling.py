@@ -172,5 +172,9 @@ def format_ceiling(entry: dict) -> str:
     """One line: the ceiling and each part, or why there is none."""
     if entry.get("ceiling") is None:
         return f"none ({entry.get('reason', 'no part could be scored')})"
-    parts = ", ".join(f"{p} {'-' if v is None else f'{v:.3f}'}" for p, v in entry["parts"].items())
-    return f"{entry['ceiling']:.3f} ({entry['best']}; {parts}; n {entry['n']}, {entry['n_positive']} early)"
+    return f"{entry['ceiling']:.3f} ({entry['best']}; {format_parts(entry)}; n {entry['n']}, {entry['n_positive']} early)"
+
+
+def format_parts(entry: dict) -> str:
+    """Each part of a ceiling with its AUC ("-" where it could not be scored)."""
+    return ", ".join(f"{p} {'-' if v is None else f'{v:.3f}'}" for p, v in entry["parts"].items())

@@ -24,6 +24,7 @@ import pandas as pd
 
 from stroke_tss import metrics
 from stroke_tss.errors import UserError
+from stroke_tss.report.ceiling import format_parts
 from stroke_tss.report.collect import collect_predictions
 from stroke_tss.report.tables import delong_table, phase_3_to_4, pooled_test, table2
 from stroke_tss.tasks import detection_tasks
@@ -97,7 +98,7 @@ def onset_gate(hemi: pd.DataFrame, ceiling: dict) -> Gate:
         why = "no tss_lt_4h5 predictions" if value is None else f"no ceiling: {ceiling.get('reason')}"
         return Gate(ONSET, _r(value), None, False, why, {"auc": _r(value), "ceiling": _r(top)})
     target = ONSET_SHARE_EVERY_SEED * top
-    parts = ", ".join(f"{p} {'-' if v is None else f'{v:.3f}'}" for p, v in ceiling["parts"].items())
+    parts = format_parts(ceiling)
     detail = (f"{best['variant']}/{best['phase']}; {value / top:.2f} x ceiling {top:.3f} "
               f"({ceiling['best']}; {parts})")
     return Gate(ONSET, _r(value), _r(target), value >= target, detail,
