@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 from stroke_tss.cli import main
 from stroke_tss.config.loader import MAX_CONFIG_BYTES, load_config
+from stroke_tss.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,3 +96,24 @@ def test_extends_with_a_path_still_merges(tmp_path):
     path.write_text(f"extends: {REPO / 'configs/tiny.yaml'}\nseed: 7\n")
     cfg = load_config(path)
     assert cfg.seed == 7 and cfg.phases  # phases come from the files it extends
+
+
+@pytest.mark.parametrize(("section", "name", "words"), [
+    ("variants", "../elsewhere", "variant name '../elsewhere'"),
+    ("variants", "genesis", "the run folder's own"),
+    ("ensembles", "jobs", "the run folder's own"),
+    ("phases", "tss/4h5", "phase name 'tss/4h5'"),
+    ("phases", "config.yaml", "phase name 'config.yaml'"),
+])
+def test_names_that_become_folders_are_folder_names(tmp_path, section, name, words):
+    """RUN/<variant>/fold-<k>/<phase>/: a name with a slash or dots would write outside its place, and a variant
+    called genesis would share its folds' folders with Models Genesis."""
+    body = {"variants": f"variants: {{'{name}': {{}}}}\n",
+            "ensembles": f"variants: {{a: {{}}, b: {{}}}}\nensembles: {{'{name}': [a, b]}}\n",
+            "phases": f"phases: {{'{name}': {{task: lesion_present}}}}\n"}[section]
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {store: s.zarr}\nrun: {dir: r}\n" + body)
+    with pytest.raises(UserError, match=re.escape(words)) as err:
+        load_config(path)
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message and f"config key '{section}'" in message

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from hpc.launch_config import LaunchConfig
 from stroke_tss.config.base import Section
@@ -17,6 +18,20 @@ from stroke_tss.config.training import (
     TrainSection,
     default_phases,
 )
+
+RUN_FOLDERS = ("genesis", "jobs", "explain")
+"""Folders of a run folder that are no variant: Models Genesis, submitit's job folders, Grad-CAM maps."""
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def check_folder_names(kind: str, names, *, reserved: tuple[str, ...] = ()) -> None:
+    """Variant, ensemble and phase names become folder names (RUN/<variant>/fold-<k>/<phase>/): letters, digits,
+    `_` and `-`, starting with a letter or digit, and none of the run folder's own folders."""
+    for name in names:
+        if not _NAME.fullmatch(str(name)) or name in reserved:
+            rule = f"; {', '.join(reserved)} are the run folder's own" if name in reserved else ""
+            raise ValueError(f"{kind} name {name!r} is used as a folder name: use letters, digits, '_' and '-', "
+                             f"starting with a letter or digit{rule}")
 
 
 class DataConfig(Section):
@@ -65,6 +80,13 @@ class Config(Section):
     engine: EngineSection = Field(default_factory=EngineSection)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     """Where folds, sweeps and pretraining run (slurm job array, local processes, or in-process)."""
+
+    @field_validator("variants", "ensembles", "phases")
+    @classmethod
+    def _names_are_folder_names(cls, value: dict, info):
+        reserved = () if info.field_name == "phases" else RUN_FOLDERS
+        check_folder_names(info.field_name.rstrip("s"), value, reserved=reserved)
+        return value
 
     @model_validator(mode="after")
     def _ensembles_of_variants(self):
