@@ -232,3 +232,14 @@ def test_report_without_store_or_genesis_says_so(run, tmp_path):
     text = write_report([run], out_dir=tmp_path / "out", num_resamples=50).read_text()
     assert ("Models Genesis: once, on every subject of the store (test images unlabelled) (1 pretraining(s)); "
             "test subjects seen: 72") in text
+
+
+def test_the_run_folders_own_folders_are_no_variant(run):
+    """RUN/genesis/fold-<k>/ckpt/ has the shape of a phase folder; the readers of a run must not take it for one."""
+    from stroke_tss.report.collect import phase_dirs
+
+    (run / "genesis" / "fold-0" / "ckpt").mkdir(parents=True)
+    (run / "jobs" / "fold-0" / "x").mkdir(parents=True)
+    (run / "explain" / "fold-0" / "sub-000").mkdir(parents=True)
+    found = {(d.variant, d.phase) for d in phase_dirs([run])}
+    assert found == {(v, p) for v in VARIANTS for p in PHASES}

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from stroke_tss.config.loader import read_yaml
+from stroke_tss.config.schema import RUN_FOLDERS
 from stroke_tss.errors import UserError
 
 PREDICTION_COLUMNS = ("subject_id", "hemisphere", "task", "label", "probability", "split")
@@ -33,13 +34,14 @@ def run_names(runs: list[Path]) -> list[str]:
 
 
 def phase_dirs(runs: list[str | Path]) -> list[PhaseDir]:
-    """Every RUN/<variant>/fold-<k>/<phase>/ folder, in a stable order."""
+    """Every RUN/<variant>/fold-<k>/<phase>/ folder, in a stable order; RUN/genesis/fold-<k>/ and the run
+    folder's other own folders (RUN_FOLDERS) are no variant."""
     runs = [Path(r) for r in runs]
     out = []
     for run, name in zip(runs, run_names(runs)):
         if not run.is_dir():
             raise UserError(f"run folder {run} does not exist; pass the folder `stroke-tss train` wrote")
-        for variant in sorted(p for p in run.iterdir() if p.is_dir()):
+        for variant in sorted(p for p in run.iterdir() if p.is_dir() and p.name not in RUN_FOLDERS):
             for fold in sorted(variant.iterdir()):
                 match = _FOLD.match(fold.name)
                 if not (fold.is_dir() and match):
