@@ -21,7 +21,7 @@ from data_prep.config import PrepConfig
 from data_prep.diffusion import b_value_from_sidecar, derive_b0
 from data_prep.errors import InputError
 from data_prep.nifti import load_nifti
-from data_prep.store import LESION_FLAG_MIN_ML
+from data_prep.store import LESION_FLAG_MIN_ML, half
 
 FOV_RATIO_MAX = 2.5  # series of one subject whose head extents differ more than this are not one scan session
 
@@ -186,12 +186,11 @@ def derived_columns(brain: np.ndarray, lesion: np.ndarray | None, *, config: Pre
     """Table columns computed on the grid: volumes in mL and per-hemisphere lesion flags (left = low x)."""
     ml = config.spacing_mm**3 / 1000.0
     out = {"brain_volume_ml": round(float(brain.sum()) * ml, 3), "has_lesion_mask": lesion is not None}
-    half = brain.shape[-1] // 2
     if lesion is None:
         out.update(lesion_volume_ml=float("nan"), lesion_left_ml=float("nan"), lesion_right_ml=float("nan"),
                    lesion_left=None, lesion_right=None)
         return out
-    left, right = float(lesion[..., :half].sum()) * ml, float(lesion[..., half:].sum()) * ml
+    left, right = (float(half(lesion, side, mirrored=False).sum()) * ml for side in ("left", "right"))
     out.update(lesion_volume_ml=round(left + right, 3), lesion_left_ml=round(left, 3),
                lesion_right_ml=round(right, 3), lesion_left=left >= LESION_FLAG_MIN_ML,
                lesion_right=right >= LESION_FLAG_MIN_ML)

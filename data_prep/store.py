@@ -54,6 +54,25 @@ DAMAGE_ERRORS = (ValueError, RuntimeError, OSError)
 _VERSIONED = ("numpy", "zarr", "SimpleITK", "nibabel", "nilearn", "dask", "distributed", "stroke-tss")
 
 
+def half_slice(width: int, side: str) -> slice:
+    """The x range of one hemisphere on a grid `width` voxels wide (left = low RAS x)."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    return slice(None, width // 2) if side == "left" else slice(width // 2, None)
+
+
+def onto_left(block: np.ndarray, side: str) -> np.ndarray:
+    """A right half flipped along x onto the left half's grid (how every hemisphere is read); a left one as is."""
+    return np.ascontiguousarray(block[..., ::-1]) if side == "right" else block
+
+
+def half(array: np.ndarray, side: str, *, mirrored: bool = True) -> np.ndarray:
+    """The `side` half of a (..., x) array on the store's grid: mirrored onto the left as Store.hemisphere reads
+    it, or (mirrored=False) in the grid's own x order."""
+    block = array[..., half_slice(array.shape[-1], side)]
+    return onto_left(block, side) if mirrored else block
+
+
 class StoreError(InputError):
     """The path is not a store of ours, or the store does not match the request."""
 
@@ -152,13 +171,8 @@ class Store:
 
     def hemisphere(self, sid: str, side: str) -> np.ndarray:
         """(channel, z, y, x/2); left = low RAS x; the right half is flipped along x onto the left."""
-        half = self._array("volumes").shape[-1] // 2
-        if side == "left":
-            return self._read("volumes", sid, (slice(None),) * 3 + (slice(None, half),), np.float32)
-        if side == "right":
-            right = self._read("volumes", sid, (slice(None),) * 3 + (slice(half, None),), np.float32)
-            return np.ascontiguousarray(right[..., ::-1])
-        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+        cut = half_slice(self._array("volumes").shape[-1], side)
+        return onto_left(self._read("volumes", sid, (slice(None),) * 3 + (cut,), np.float32), side)
 
     def brain(self, sid: str) -> np.ndarray:
         return self._read("brain", sid, (), np.uint8)

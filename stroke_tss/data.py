@@ -36,7 +36,7 @@ import torch
 from scipy.ndimage import binary_dilation, gaussian_filter, rotate
 from torch.utils.data import Dataset
 
-from data_prep.store import Store, open_store
+from data_prep.store import Store, half, open_store
 from stroke_tss.errors import UserError
 from stroke_tss.genesis import scale_to_unit
 from stroke_tss.tasks import SIDES, Sample
@@ -138,8 +138,7 @@ class StoreDataset(Dataset):
         lesion = self.store.lesion(sid)
         if lesion is None:
             return None
-        half = lesion.shape[-1] // 2
-        return {"left": lesion[..., :half], "right": lesion[..., half:][..., ::-1]}
+        return {side: half(lesion, side) for side in SIDES}
 
     def _swapped(self, s: Sample) -> tuple[np.ndarray, int, np.ndarray] | None:
         """The hemisphere after trading lesions with its mirror half, its new label and lesion mask (the mirror

@@ -24,6 +24,7 @@ from monai.visualize import GradCAM
 from torch import nn
 
 from data_prep.paths import subject_path
+from data_prep.store import half_slice, onto_left
 from stroke_tss.errors import UserError
 from stroke_tss.predict import fold_config, hemisphere_input, load_model
 from stroke_tss.tasks import SIDES
@@ -128,7 +129,7 @@ def attention_map(model: nn.Module, x: torch.Tensor, *, key: str | None = None) 
 
 def to_full_grid(left: np.ndarray, right: np.ndarray) -> np.ndarray:
     """Two hemisphere maps (Z, Y, X/2), right flipped as the store reads it, -> (Z, Y, X) un-flipped."""
-    return np.concatenate([left, right[..., ::-1]], axis=-1)
+    return np.concatenate([left, onto_left(right, "right")], axis=-1)
 
 
 def subject_map(model: nn.Module, store, sid: str, *, method: str = "gradcam", layer: str | None = None,
@@ -165,8 +166,7 @@ def overlap_score(heat: np.ndarray, lesion: np.ndarray, brain: np.ndarray, *, to
 
 def hemisphere_scores(heat: np.ndarray, lesion: np.ndarray, brain: np.ndarray, *, top: float = 0.05) -> dict:
     """overlap_score within each hemisphere's brain (left = low x), for the halves that hold lesion."""
-    half = heat.shape[-1] // 2
-    parts = {"left": np.s_[..., :half], "right": np.s_[..., half:]}
+    parts = {side: np.s_[..., half_slice(heat.shape[-1], side)] for side in SIDES}
     return {side: overlap_score(heat[s], lesion[s], brain[s], top=top)
             for side, s in parts.items() if (lesion[s] > 0).any()}
 

@@ -18,6 +18,7 @@ from data_prep.store import (
     StoreError,
     assemble_table,
     create_or_extend,
+    half,
     open_store,
     write_record,
     write_subject,
@@ -51,6 +52,11 @@ def test_volume_hemispheres_and_masks(tiny_store: Path) -> None:
     np.testing.assert_array_equal(left, vol[..., : nx // 2])
     np.testing.assert_array_equal(right, vol[..., nx // 2:][..., ::-1])  # mirrored onto the left
     brain, lesion = s.brain(sid), s.lesion(sid)
+    # one cut for every reader: `half` of a whole array is what the store reads, mirrored or in grid order
+    for side, grid_order in (("left", vol[..., : nx // 2]), ("right", vol[..., nx // 2:])):
+        np.testing.assert_array_equal(half(vol, side), s.hemisphere(sid, side))
+        np.testing.assert_array_equal(half(vol, side, mirrored=False), grid_order)
+    assert half(lesion, "left").sum() + half(lesion, "right").sum() == lesion.sum()
     assert brain.dtype == lesion.dtype == np.uint8 and brain.shape == lesion.shape == (nz, ny, nx)
     assert np.all(vol[:, brain == 0] == 0)  # skull-stripped: nothing outside the brain
     inside = vol[:, brain > 0]

@@ -30,7 +30,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from data_prep.store import Store, StoreError, open_store
+from data_prep.store import Store, StoreError, half, open_store
 from stroke_tss import metrics
 from stroke_tss.errors import UserError
 from stroke_tss.report.collect import run_config, store_path
@@ -56,12 +56,10 @@ def lesion_means(store: Store, keys: Sequence[tuple[str, str]]) -> dict[tuple[st
         if lesion is None:
             continue
         volume = store.volume(sid)
-        half = volume.shape[-1] // 2
         for side in {s for k, s in keys if k == sid}:
-            cut = slice(None, half) if side == "left" else slice(half, None)
-            mask = lesion[..., cut] > 0
+            mask = half(lesion, side, mirrored=False) > 0
             if mask.any():
-                out[(sid, side)] = volume[..., cut][:, mask].mean(axis=1).astype(np.float64)
+                out[(sid, side)] = half(volume, side, mirrored=False)[:, mask].mean(axis=1).astype(np.float64)
     return out
 
 
