@@ -185,6 +185,10 @@ class StoreDataset(Dataset):
             x = self.store.volume(s.subject_id) if s.hemisphere == "both" else self.store.hemisphere(s.subject_id, s.hemisphere)
         if s.mask and mask is None:
             mask = self._own_mask(s)
+        if s.mask and not label:
+            # the store flags a half lesioned from LESION_FLAG_MIN_ML up; fewer voxels are resampling spill-over,
+            # so the target agrees with the label: nothing to segment
+            mask = np.zeros_like(mask)
         x = x[self.channel_index]
         if self.intensity == "unit":
             x = scale_to_unit(x)

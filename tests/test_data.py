@@ -10,13 +10,16 @@ import numpy as np
 import pytest
 import torch
 
+from data_prep.store import half
 from stroke_tss.data import StoreDataset, augment
 from stroke_tss.tasks import task_samples
 
 SHAPE_XYZ = (64, 32, 8)  # hemispheres 32 x 32 in-plane: the smallest slicewise2d accepts
 
 
-def make_store(path, *, num_subjects: int = 12, seed: int = 0):
+def make_store(path, *, num_subjects: int = 12, seed: int = 0, spill: bool = False):
+    """A 4 mm store of `num_subjects` with lesion blobs on the stroke side; `spill` adds one lesion voxel, under
+    the store's lesioned threshold, to the healthy right half of each left-sided subject (flags unchanged)."""
     from data_prep.config import PrepConfig
     from data_prep.store import assemble_table, create_or_extend, write_record, write_subject
 
@@ -33,6 +36,8 @@ def make_store(path, *, num_subjects: int = 12, seed: int = 0):
         for s, xs in (("left", slice(8, 20)), ("right", slice(44, 56))):
             if side in (s, "bilateral"):
                 lesion[2:6, 10:20, xs] = 1
+        if spill and side == "left":
+            lesion[3, 15, 50] = 1
         volume[0][lesion > 0] += 3.0
         write_subject(path, rows[sid], volume=volume, brain=np.ones_like(lesion), lesion=lesion)
         onset = [60, 200, 300, None][(i // 2) % 4]
@@ -177,3 +182,19 @@ def test_segmentation_items_carry_the_hemisphere_mask_and_it_moves_with_the_lesi
     assert set(np.unique(item["mask"].numpy())) <= {0.0, 1.0}
     assert not mask[2:6, 10:20, 8:20].all()  # it turned ...
     assert item["x"][0].numpy()[mask].mean() > 2 > item["x"][0].numpy()[~mask].mean()  # ... with the lesion
+
+
+def test_a_half_under_the_lesioned_threshold_has_nothing_to_segment(tmp_path):
+    """One spilled voxel on a healthy half (under LESION_FLAG_MIN_ML, so labelled 0): its segmentation target is
+    empty, read as it is or swapped onto the other half, so target and label never disagree."""
+    from data_prep.store import open_store
+
+    path = make_store(tmp_path / "spill.zarr", num_subjects=4, spill=True)
+    store = open_store(path)
+    assert half(store.lesion("sub-00"), "right").sum() == 1  # the voxel is in the store
+    samples, _ = task_samples(store.table, "lesion_seg", ["sub-00"])
+    for aug in (None, {"lesion_swap": 1.0}):
+        ds = StoreDataset(store, samples, augment=aug)
+        for i, s in enumerate(samples):
+            item = ds[i]
+            assert bool(item["mask"].sum() > 0) == bool(item["y"]), (s, aug)
