@@ -50,12 +50,6 @@ def genesis_dir(run_dir: str | Path, *, subjects: str, fold: int | None) -> Path
     return Path(run_dir) / "genesis" / f"fold-{fold}"
 
 
-def genesis_label(out: Path) -> str:
-    """How the loop's epoch lines name a pretraining: genesis/fold-<k> for a fold's folder (genesis_dir's
-    layout), genesis otherwise; the folder name alone, fold-<k>, would read like a phase of the fold."""
-    return f"genesis/{out.name}" if out.parent.name == "genesis" and out.name.startswith("fold-") else "genesis"
-
-
 def write_subjects_record(path: Path, record: dict) -> None:
     """OUT/subjects.json: which subjects the pretraining saw and how many test subjects among them."""
     tmp = path.with_name(path.name + ".tmp")
@@ -73,11 +67,11 @@ def _mse_loss(eng: Engine, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[to
 
 def pretrain_genesis(store: Store, subjects: Sequence[str], out: Path, *, genesis: GenesisSection,
                      channels: Sequence[str], train: TrainSection, engine: EngineSection, seed: int,
-                     record: dict | None = None) -> Path:
+                     record: dict | None = None, name: str = "genesis") -> Path:
     """Train the Genesis U-Net on crops of `subjects`; returns out/weights.pt (skips when it exists).
 
     `record` (the run level's account of the subjects) goes to out/subjects.json just before weights.pt, so a
-    finished pretraining always says what it saw.
+    finished pretraining always says what it saw. `name` is how its epoch lines name it.
     """
     out = Path(out)
     if (out / "weights.pt").is_file():
@@ -93,7 +87,7 @@ def pretrain_genesis(store: Store, subjects: Sequence[str], out: Path, *, genesi
     sampler = ShardedSampler([0] * len(dataset), rank=eng.rank, world_size=eng.world_size, seed=seed)
     settings = LoopSettings(batch_size=genesis.batch_size, num_workers=train.num_workers, max_epochs=genesis.epochs,
                             seed=seed, ckpt_every_steps=train.ckpt_every_steps,
-                            keep_checkpoints=train.keep_checkpoints, name=genesis_label(out))
+                            keep_checkpoints=train.keep_checkpoints, name=name)
     run_loop(eng, dataset, sampler, out_dir=out, settings=settings, loss=_mse_loss, end_epoch=_FixedEpochs(),
              opt_cfg=genesis.optimizer)
     if eng.is_main:

@@ -50,6 +50,12 @@ def item_name(item: GenesisItem) -> str:
     return "genesis" if item is None else f"genesis-fold-{item}"
 
 
+def genesis_label(item: GenesisItem) -> str:
+    """How the epoch lines name a pretraining: genesis/fold-<k> as its folder (fold-<k> alone would read like a
+    phase of the fold)."""
+    return "genesis" if item is None else f"genesis/fold-{item}"
+
+
 def genesis_weights(cfg: Config, item: GenesisItem) -> Path:
     return genesis_dir(cfg.run.dir, subjects=cfg.genesis.subjects, fold=item) / "weights.pt"
 
@@ -99,7 +105,8 @@ def pretrain_run(cfg: Config, fold: GenesisItem = None) -> Path:
         log.warning("Models Genesis on all %d subjects of the store: up to %d test subjects of a fold among them "
                     "(unlabelled); genesis.subjects=fold keeps them out", len(subjects), record["test_subjects_seen"])
     return pretrain_genesis(store, subjects, weights.parent, genesis=cfg.genesis, channels=cfg.data.channels,
-                            train=cfg.train, engine=cfg.engine, seed=cfg.seed, record=record)
+                            train=cfg.train, engine=cfg.engine, seed=cfg.seed, record=record,
+                            name=genesis_label(fold))
 
 
 def pretrain_folds(cfg: Config, folds: list[int] | None = None) -> list[Path]:
