@@ -112,6 +112,11 @@ def run_config(run: str | Path) -> dict:
     return read_yaml(path) or {}
 
 
+def tested_folds(pred: pd.DataFrame) -> list[int]:
+    """The folds that wrote test predictions (a run still training has fewer than its splits)."""
+    return sorted(int(k) for k in pred.loc[pred["split"] == "test", "fold"].unique())
+
+
 def store_path(runs: list[str | Path]) -> Path | None:
     """The store the (first) run trained on, from its config.yaml (data.store)."""
     for run in runs:

@@ -17,6 +17,7 @@ from stroke_tss.report.collect import (
     run_names,
     schedule_order,
     store_path,
+    tested_folds,
 )
 from stroke_tss.report.tables import (
     LEVELS,
@@ -133,8 +134,7 @@ def _ceiling_section(runs: list[Path], pred: pd.DataFrame, store) -> list[str]:
     """Per run and onset task: each true-lesion readout's pooled test AUC and the best of them."""
     rows, notes = [], []
     for run, name in zip(runs, run_names(runs)):
-        tested = sorted(int(k) for k in pred.loc[(pred["run"] == name) & (pred["split"] == "test"), "fold"].unique())
-        for task, entry in run_ceilings(run, folds=tested, store=store).items():
+        for task, entry in run_ceilings(run, folds=tested_folds(pred[pred["run"] == name]), store=store).items():
             if entry["ceiling"] is None:
                 notes.append(f"{name}, {task}: no ceiling ({entry['reason']})")
                 continue

@@ -21,7 +21,7 @@ import pandas as pd
 
 from stroke_tss.metrics import binary_metrics
 from stroke_tss.report.ceiling import format_ceiling, run_ceilings
-from stroke_tss.report.collect import collect_predictions
+from stroke_tss.report.collect import collect_predictions, tested_folds
 from stroke_tss.report.tables import LEVELS, phase_3_to_4, table2
 from stroke_tss.runs.ensemble import write_ensembles
 
@@ -59,8 +59,7 @@ def summarize(run_dir: str | Path, *, num_resamples: int = 2000, seed: int = 0) 
         aucs = [a for a in aucs if a is not None]
         if f"{variant}/{phase}" in out:
             out[f"{variant}/{phase}"]["val_auc_mean"] = float(np.mean(aucs)) if aucs else None
-    tested = sorted(int(k) for k in pred.loc[pred["split"] == "test", "fold"].unique())
-    out["ceiling"] = run_ceilings(run_dir, folds=tested)
+    out["ceiling"] = run_ceilings(run_dir, folds=tested_folds(pred))
     out["phase_3_to_4"] = phase_3_to_4(tables["hemisphere"])
     return out
 
