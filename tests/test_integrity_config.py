@@ -100,14 +100,17 @@ def test_extends_with_a_path_still_merges(tmp_path):
 
 @pytest.mark.parametrize(("section", "name", "words"), [
     ("variants", "../elsewhere", "variant name '../elsewhere'"),
-    ("variants", "genesis", "the run folder's own"),
-    ("ensembles", "jobs", "the run folder's own"),
+    ("variants", "genesis", "variant name 'genesis' is taken (genesis, jobs, explain, predict are)"),
+    ("variants", "predict", "is taken"),
+    ("ensembles", "jobs", "is taken"),
+    ("phases", "random", "phase name 'random' is taken (random, genesis are)"),
     ("phases", "tss/4h5", "phase name 'tss/4h5'"),
     ("phases", "config.yaml", "phase name 'config.yaml'"),
 ])
 def test_names_that_become_folders_are_folder_names(tmp_path, section, name, words):
-    """RUN/<variant>/fold-<k>/<phase>/: a name with a slash or dots would write outside its place, and a variant
-    called genesis would share its folds' folders with Models Genesis."""
+    """RUN/<variant>/fold-<k>/<phase>/: a name with a slash or dots would write outside its place, a variant
+    called genesis would share its folds' folders with Models Genesis, and a phase called random would make
+    `init: random` mean two things."""
     body = {"variants": f"variants: {{'{name}': {{}}}}\n",
             "ensembles": f"variants: {{a: {{}}, b: {{}}}}\nensembles: {{'{name}': [a, b]}}\n",
             "phases": f"phases: {{'{name}': {{task: lesion_present}}}}\n"}[section]

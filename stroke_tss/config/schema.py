@@ -19,19 +19,23 @@ from stroke_tss.config.training import (
     default_phases,
 )
 
-RUN_FOLDERS = ("genesis", "jobs", "explain")
-"""Folders of a run folder that are no variant: Models Genesis, submitit's job folders, Grad-CAM maps."""
+RUN_FOLDERS = ("genesis", "jobs", "explain", "predict")
+"""Folders of a run folder that are no variant: Models Genesis, submitit's job folders, Grad-CAM maps, the stores
+`predict` prepares."""
+INIT_WORDS = ("random", "genesis")
+"""What a phase's `init` names besides an earlier phase: no phase may take these names."""
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 def check_folder_names(kind: str, names, *, reserved: tuple[str, ...] = ()) -> None:
     """Variant, ensemble and phase names become folder names (RUN/<variant>/fold-<k>/<phase>/): letters, digits,
-    `_` and `-`, starting with a letter or digit, and none of the run folder's own folders."""
+    `_` and `-`, starting with a letter or digit, and none of the `reserved` names."""
     for name in names:
-        if not _NAME.fullmatch(str(name)) or name in reserved:
-            rule = f"; {', '.join(reserved)} are the run folder's own" if name in reserved else ""
+        if name in reserved:
+            raise ValueError(f"{kind} name {name!r} is taken ({', '.join(reserved)} are); choose another name")
+        if not _NAME.fullmatch(str(name)):
             raise ValueError(f"{kind} name {name!r} is used as a folder name: use letters, digits, '_' and '-', "
-                             f"starting with a letter or digit{rule}")
+                             "starting with a letter or digit")
 
 
 class DataConfig(Section):
@@ -84,7 +88,7 @@ class Config(Section):
     @field_validator("variants", "ensembles", "phases")
     @classmethod
     def _names_are_folder_names(cls, value: dict, info):
-        reserved = () if info.field_name == "phases" else RUN_FOLDERS
+        reserved = INIT_WORDS if info.field_name == "phases" else RUN_FOLDERS
         check_folder_names(info.field_name.rstrip("s"), value, reserved=reserved)
         return value
 
