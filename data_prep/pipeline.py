@@ -21,7 +21,7 @@ from data_prep.config import PrepConfig
 from data_prep.diffusion import b_value_from_sidecar, derive_b0
 from data_prep.errors import InputError
 from data_prep.nifti import load_nifti
-from data_prep.store import LESION_FLAG_MIN_ML, half
+from data_prep.store import half, lesioned
 
 FOV_RATIO_MAX = 2.5  # series of one subject whose head extents differ more than this are not one scan session
 
@@ -190,8 +190,9 @@ def derived_columns(brain: np.ndarray, lesion: np.ndarray | None, *, config: Pre
         out.update(lesion_volume_ml=float("nan"), lesion_left_ml=float("nan"), lesion_right_ml=float("nan"),
                    lesion_left=None, lesion_right=None)
         return out
-    left, right = (float(half(lesion, side, mirrored=False).sum()) * ml for side in ("left", "right"))
+    voxels = {side: float(half(lesion, side, mirrored=False).sum()) for side in ("left", "right")}
+    left, right = voxels["left"] * ml, voxels["right"] * ml
     out.update(lesion_volume_ml=round(left + right, 3), lesion_left_ml=round(left, 3),
-               lesion_right_ml=round(right, 3), lesion_left=left >= LESION_FLAG_MIN_ML,
-               lesion_right=right >= LESION_FLAG_MIN_ML)
+               lesion_right_ml=round(right, 3), lesion_left=lesioned(voxels["left"], config.spacing_mm),
+               lesion_right=lesioned(voxels["right"], config.spacing_mm))
     return out

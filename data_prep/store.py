@@ -54,6 +54,11 @@ DAMAGE_ERRORS = (ValueError, RuntimeError, OSError)
 _VERSIONED = ("numpy", "zarr", "SimpleITK", "nibabel", "nilearn", "dask", "distributed", "stroke-tss")
 
 
+def lesioned(voxels: float, spacing_mm: float) -> bool:
+    """Whether `voxels` lesion voxels on a grid of `spacing_mm` count as a lesion (LESION_FLAG_MIN_ML and up)."""
+    return voxels * spacing_mm**3 / 1000.0 >= LESION_FLAG_MIN_ML
+
+
 def half_slice(width: int, side: str) -> slice:
     """The x range of one hemisphere on a grid `width` voxels wide (left = low RAS x)."""
     if side not in ("left", "right"):

@@ -36,7 +36,7 @@ import torch
 from scipy.ndimage import binary_dilation, gaussian_filter, rotate
 from torch.utils.data import Dataset
 
-from data_prep.store import Store, half, open_store
+from data_prep.store import Store, half, lesioned, open_store
 from stroke_tss.errors import UserError
 from stroke_tss.genesis import scale_to_unit
 from stroke_tss.tasks import SIDES, Sample
@@ -102,6 +102,7 @@ class StoreDataset(Dataset):
         if intensity not in ("zscore", "unit"):
             raise UserError(f"train.intensity must be 'zscore' or 'unit', not {intensity!r}")
         self.channel_index = [names.index(c) for c in wanted]
+        self.spacing_mm = float(self.store.attrs["spacing_mm"])
         self.samples = list(samples)
         self.intensity = intensity
         self.augment = dict(augment or {})
@@ -185,9 +186,9 @@ class StoreDataset(Dataset):
             x = self.store.volume(s.subject_id) if s.hemisphere == "both" else self.store.hemisphere(s.subject_id, s.hemisphere)
         if s.mask and mask is None:
             mask = self._own_mask(s)
-        if s.mask and not label:
-            # the store flags a half lesioned from LESION_FLAG_MIN_ML up; fewer voxels are resampling spill-over,
-            # so the target agrees with the label: nothing to segment
+        if s.mask and not lesioned(float(mask.sum()), self.spacing_mm):
+            # under LESION_FLAG_MIN_ML a half's voxels are resampling spill-over, and the store flags (labels) it
+            # unlesioned: nothing to segment, so the target agrees with the label
             mask = np.zeros_like(mask)
         x = x[self.channel_index]
         if self.intensity == "unit":

@@ -12,7 +12,7 @@ import torch
 
 from data_prep.store import half
 from stroke_tss.data import StoreDataset, augment
-from stroke_tss.tasks import task_samples
+from stroke_tss.tasks import Sample, task_samples
 
 SHAPE_XYZ = (64, 32, 8)  # hemispheres 32 x 32 in-plane: the smallest slicewise2d accepts
 
@@ -186,7 +186,7 @@ def test_segmentation_items_carry_the_hemisphere_mask_and_it_moves_with_the_lesi
 
 def test_a_half_under_the_lesioned_threshold_has_nothing_to_segment(tmp_path):
     """One spilled voxel on a healthy half (under LESION_FLAG_MIN_ML, so labelled 0): its segmentation target is
-    empty, read as it is or swapped onto the other half, so target and label never disagree."""
+    empty, read as it is or swapped onto the other half, so target and label agree."""
     from data_prep.store import open_store
 
     path = make_store(tmp_path / "spill.zarr", num_subjects=4, spill=True)
@@ -198,3 +198,6 @@ def test_a_half_under_the_lesioned_threshold_has_nothing_to_segment(tmp_path):
         for i, s in enumerate(samples):
             item = ds[i]
             assert bool(item["mask"].sum() > 0) == bool(item["y"]), (s, aug)
+    # the rule reads the mask, not the label: a lesion of 30 mL stays a target whatever a table says of its half
+    told_healthy = Sample("sub-00", "left", label=0, side="none", mask=True)
+    assert StoreDataset(store, [told_healthy])[0]["mask"].sum() == 4 * 10 * 12
