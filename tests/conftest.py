@@ -8,6 +8,17 @@ pytest_plugins = [
     "tests.fixtures.runs",
 ]
 
+def pytest_collection_modifyitems(config, items):
+    """`-m "not integration"` is the fast set, so a test on a Slurm cluster must say it is an integration test."""
+    import pytest
+
+    unmarked = [item.nodeid for item in items if not item.get_closest_marker("integration")
+                and (item.get_closest_marker("slurm") or item.get_closest_marker("multinode"))]
+    if unmarked:
+        raise pytest.UsageError(f"{len(unmarked)} slurm/multinode test(s) not marked integration, so the fast set "
+                                f"would start Slurm: {', '.join(unmarked[:5])}; add @pytest.mark.integration")
+
+
 # Under CI=true nothing may skip silently: a test that cannot run there (no Slurm, no shared data set, a
 # missing package) fails the session, whatever its own fixture did about it.
 _skipped: list[str] = []

@@ -146,6 +146,7 @@ def test_train_is_refused_for_a_new_pretraining_but_an_old_run_folder_resumes(tm
 
 
 @pytest.mark.slurm
+@pytest.mark.integration
 def test_slurm_runs_one_genesis_per_fold_as_an_array_the_folds_wait_for(slurm_cluster, store, tmp_path):
     """`cv --no-wait` on Slurm: the Genesis items are one array, the fold array depends on it (afterok), and
     each fold still starts from its own pretraining."""
